@@ -1,0 +1,3 @@
+from adaptwin.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,56 @@
+"""The ``adaptwin`` command line (DESIGN.md §CLI contract).
+
+Each part declares its own commands in its ``cli`` module (``register(sub, twin)``: ``sub`` holds the
+top-level commands, ``twin`` the ``adaptwin twin …`` group) and imports its heavy dependencies only when
+a command runs, so ``adaptwin --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from adaptwin import __version__, log
+from adaptwin.cliutil import UserError
+
+PARTS = (
+    "adaptwin.ingest.cli",
+    "adaptwin.twin.cli",
+    "adaptwin.replay.cli",
+    "adaptwin.learner.cli",
+    "adaptwin.dashboard.cli",
+    "adaptwin.profiler.cli",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="adaptwin", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"adaptwin {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (stderr)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    twin_parser = sub.add_parser("twin", help="the digital twin: run, validate, serve, fit, worker")
+    twin = twin_parser.add_subparsers(dest="twin_command", required=True, metavar="TWIN_COMMAND")
+    for name in PARTS:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as err:
+            if err.name != name:  # a part's cli must import only the standard library and adaptwin
+                raise
+            continue  # that part has no commands yet
+        module.register(sub, twin)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    log.setup(args.verbose)
+    try:
+        return int(args.func(args) or 0)
+    except UserError as err:
+        print(f"adaptwin: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        logging.getLogger("adaptwin").warning("interrupted")
+        return 130

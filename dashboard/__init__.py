@@ -1,0 +1,1 @@
+"""Live Streamlit dashboard over the Parquet lake, read through DuckDB."""

@@ -1,0 +1,1 @@
+"""Ingest: trace readers (Azure, Mooncake, ServeGen, Parquet, CSV), the synthetic workload generator, row validation with dead-lettering, the Kafka request producer, the Kafka→Parquet lake sink and the DuckDB catalog."""

@@ -1,0 +1,1 @@
+"""Replay engine: consumes requests, keeps (virtual or scaled wall) time, drives a backend (the twin in-process, or vLLM over its OpenAI HTTP API), windows and starvation accounting, telemetry; also `twin serve` and the Kafka sweep worker."""

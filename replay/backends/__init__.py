@@ -1,0 +1,1 @@
+"""Replay backends: one class per backend (twin in-process, vLLM over HTTP)."""

@@ -1,0 +1,1 @@
+"""The digital twin: a step-level simulator of vLLM V1 multi-LoRA serving (scheduler, KV blocks, adapter cache, step-time model), its calibration profiles, sweeps and the optimiser. Knows nothing of Kafka or the network."""
