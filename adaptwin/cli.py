@@ -26,7 +26,9 @@ PARTS = (
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="adaptwin", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="adaptwin", description="Workload replay, digital twin and online configuration learning for "
+                                     "multi-LoRA vLLM serving.")
     parser.add_argument("--version", action="version", version=f"adaptwin {__version__}")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (stderr)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

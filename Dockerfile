@@ -1,0 +1,16 @@
+# The adaptwin image: the CLI and every part; services differ only by command (docker-compose.yml).
+FROM python:3.11-slim
+WORKDIR /app
+COPY pyproject.toml constraints.txt README.md ./
+COPY adaptwin adaptwin
+COPY ingest ingest
+COPY twin twin
+COPY replay replay
+COPY learner learner
+COPY dashboard dashboard
+COPY profiler profiler
+RUN pip install --no-cache-dir -c constraints.txt . && useradd --create-home adaptwin
+USER adaptwin
+ENV ADAPTWIN_LAKE=/lake
+ENTRYPOINT ["adaptwin"]
+CMD ["--help"]

@@ -1,0 +1,165 @@
+"""Commands of the ingest part: ``ingest``, ``sink``, ``query``, ``topics``.
+
+Only argparse and adaptwin's light modules are imported here; each handler imports what it needs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from adaptwin.cliutil import UserError, add_kafka_args, add_lake_args, int_list, print_json
+
+
+def register(sub: argparse._SubParsersAction, twin: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("ingest", help="read a trace (or generate one) and publish its requests to Kafka",
+                       description="Validate every row of a trace and publish the requests to adaptwin.requests; "
+                                   "bad rows go to adaptwin.deadletter with the reason.")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--trace", help="trace file, or a shipped trace: azure_conv, azure_code, mooncake_conversation, "
+                                     "mooncake_synthetic, servegen_m-small, servegen_deepseek-r1")
+    src.add_argument("--synthetic", metavar="SPEC",
+                     help="generated workload, e.g. 'paper:rates=0.1,0.05;ranks=8,16;adapters=32;duration=600'")
+    p.add_argument("--format", choices=["azure", "mooncake", "servegen", "parquet", "csv"],
+                   help="trace format (default: detected from the file)")
+    p.add_argument("--columns", help="column mapping for csv/parquet, e.g. 'ts=arrival,prompt_tokens=in,"
+                                     "output_tokens=out,adapter_id=model'")
+    p.add_argument("--adapters", type=int, default=None, help="adapters to assign when the trace has none")
+    p.add_argument("--popularity", default=None, help="adapter popularity law: zipf:S, uniform or servegen")
+    p.add_argument("--ranks", type=int_list, default=None, help="adapter ranks, round-robin (default 8)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--run-id", default=None, help="ingest job id (default: derived from the source and time)")
+    p.add_argument("--speedup", type=float, default=None,
+                   help="replay in scaled wall time (2 = twice as fast as the trace); default: as fast as possible")
+    p.add_argument("--limit", type=int, default=None, help="stop after this many rows")
+    p.add_argument("--loop", type=int, default=1, help="repeat the trace this many times (shifted in time)")
+    p.add_argument("--batch-size", type=int, default=5000, help="rows per validation batch")
+    p.add_argument("--json", action="store_true", help="print the counts as one JSON line")
+    add_kafka_args(p)
+    add_lake_args(p)
+    p.set_defaults(func=_ingest)
+
+    p = sub.add_parser("sink", help="write Kafka topics to the Parquet lake (exactly once)")
+    p.add_argument("--group", default="adaptwin-sink", help="consumer group id")
+    p.add_argument("--topics", default=None, help="comma-separated topics (default: every lake topic)")
+    p.add_argument("--idle-exit", type=float, default=None, metavar="S",
+                   help="exit after S seconds without new messages (default: run until stopped)")
+    p.add_argument("--max-age", type=float, default=2.0, metavar="S", help="publish buffered rows at least every S s")
+    p.add_argument("--json", action="store_true", help="print the counts as one JSON line at exit")
+    add_kafka_args(p)
+    add_lake_args(p)
+    p.set_defaults(func=_sink)
+
+    p = sub.add_parser("query", help="read-only DuckDB SQL over the lake",
+                       description="Views: requests, telemetry, windows, recommendations, deadletter.")
+    p.add_argument("sql")
+    p.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    p.add_argument("--max-rows", type=int, default=50, help="rows shown by --format table")
+    add_lake_args(p)
+    p.set_defaults(func=_query)
+
+    p = sub.add_parser("topics", help="create (idempotently) or list the project's Kafka topics")
+    p.add_argument("action", choices=["create", "list"])
+    add_kafka_args(p)
+    p.set_defaults(func=_topics)
+
+
+def _ingest(args: argparse.Namespace) -> int:
+    import time
+
+    from adaptwin import config
+    from adaptwin.ingest import producer, source
+
+    run_id = args.run_id or f"ingest-{time.strftime('%Y%m%dT%H%M%S')}"
+    ingest_config = source.config_from_args(args, run_id)
+    report = producer.produce(source.iter_batches(ingest_config, batch_size=args.batch_size),
+                              config.bootstrap(args.bootstrap), run_id, speedup=args.speedup)
+    summary = report.as_dict()
+    if args.json:
+        print_json(summary)
+    else:
+        print(f"run {run_id}: {report.accepted} requests published, {report.dead_lettered} dead-lettered "
+              f"in {report.wall_s:.1f} s ({report.requests_per_s:,.0f} req/s)")
+        for reason, n in report.dead_by_reason.most_common():
+            print(f"  dead-lettered {n:>7}  {reason}")
+    return 0
+
+
+def _sink(args: argparse.Namespace) -> int:
+    from adaptwin import config
+    from adaptwin.ingest.lake import TABLES
+    from adaptwin.ingest.sink import LakeSink, SinkConfig
+
+    topics = tuple(t for t in args.topics.split(",") if t) if args.topics else tuple(t for t, _ in TABLES.values())
+    unknown = [t for t in topics if t not in {t for t, _ in TABLES.values()}]
+    if unknown:
+        raise UserError(f"no lake table for topic(s) {unknown}; known: {[t for t, _ in TABLES.values()]}")
+    sink = LakeSink(SinkConfig(bootstrap=config.bootstrap(args.bootstrap), lake=config.lake(args.lake),
+                               topics=topics, group_id=args.group, max_age_s=args.max_age,
+                               idle_exit_s=args.idle_exit))
+    stats = sink.run()
+    if args.json:
+        print_json(stats.__dict__)
+    else:
+        print(f"sink: {stats.rows} rows in {stats.files} files from {stats.messages} messages; "
+              f"{stats.dead_lettered} dead-lettered", file=sys.stderr)
+    return 0
+
+
+def _query(args: argparse.Namespace) -> int:
+    from adaptwin import config
+    from adaptwin.ingest import catalog
+
+    table = catalog.query(config.lake(args.lake), args.sql)
+    if args.format == "csv":
+        import pyarrow.csv as pacsv
+
+        pacsv.write_csv(table, sys.stdout.buffer)
+    elif args.format == "json":
+        import json
+
+        for row in table.to_pylist():
+            sys.stdout.write(json.dumps(row, default=str) + "\n")
+    else:
+        print(_render(table, args.max_rows))
+    return 0
+
+
+def _render(table, max_rows: int) -> str:
+    """A plain-text table (no extra dependency), with a row count footer."""
+    rows = table.slice(0, max_rows).to_pylist()
+    names = table.schema.names
+    cells = [[_fmt(r[n]) for n in names] for r in rows]
+    widths = [max([len(n)] + [len(c[i]) for c in cells]) for i, n in enumerate(names)]
+    line = "  ".join("-" * w for w in widths)
+    out = ["  ".join(n.ljust(w) for n, w in zip(names, widths)), line]
+    out += ["  ".join(c.rjust(w) if _numeric(c) else c.ljust(w) for c, w in zip(row, widths)) for row in cells]
+    more = f" (showing {max_rows})" if table.num_rows > max_rows else ""
+    out.append(f"({table.num_rows} row{'s' if table.num_rows != 1 else ''}{more})")
+    return "\n".join(out)
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return "NULL"
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return str(value)
+
+
+def _numeric(text: str) -> bool:
+    return text.replace(".", "", 1).replace("-", "", 1).replace("e", "", 1).isdigit()
+
+
+def _topics(args: argparse.Namespace) -> int:
+    from adaptwin import config, kafka
+
+    bootstrap = config.bootstrap(args.bootstrap)
+    if args.action == "create":
+        created = kafka.ensure_topics(bootstrap)
+        print(f"topics ready on {bootstrap} ({len(created)} created)")
+    else:
+        with kafka.admin_client(bootstrap) as admin:
+            for t in sorted(admin.describe_topics(), key=lambda t: t["name"]):
+                print(f"{t['name']}\t{len(t.get('partitions') or [])} partition(s)")
+    return 0

@@ -1,0 +1,171 @@
+"""Kafka → Parquet lake sink (``adaptwin sink``): exactly-once by construction.
+
+Per Kafka partition the sink buffers messages, then publishes them as Parquet files (one per run id)
+named after the batch's offset range, and only after the rename commits the offsets. On every
+partition assignment it deletes files at or past the committed offset (written, but not committed
+before a crash), so whatever is re-delivered replaces them instead of duplicating rows. Killed with
+SIGKILL at any moment and restarted, the lake ends with exactly the produced rows.
+
+Records that do not match their topic's schema go to the dead-letter topic with the reason; the
+dead-letter producer is flushed before the offsets that carried them are committed.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from adaptwin import kafka, schemas
+from adaptwin.config import TOPICS
+from adaptwin.ingest import lake
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SinkConfig:
+    bootstrap: str
+    lake: Path
+    topics: tuple[str, ...] = tuple(topic for topic, _ in lake.TABLES.values())
+    group_id: str = "adaptwin-sink"
+    max_rows: int = 250_000  # publish a partition's buffer once it holds this many messages' rows ...
+    max_age_s: float = 2.0  # ... or once its oldest message waited this long
+    idle_exit_s: float | None = None  # stop after this long without new messages (tests, batch jobs)
+
+
+@dataclass
+class _Buffer:
+    values: list[bytes] = field(default_factory=list)
+    offsets: list[int] = field(default_factory=list)
+    rows: int = 0
+    since: float = 0.0
+
+
+@dataclass
+class SinkStats:
+    messages: int = 0
+    rows: int = 0
+    files: int = 0
+    dead_lettered: int = 0
+    removed_uncommitted: int = 0
+
+
+class LakeSink:
+    def __init__(self, config: SinkConfig):
+        self.config = config
+        self.stats = SinkStats()
+        self._buffers: dict[kafka.TopicPartition, _Buffer] = {}
+        self._stopping = False
+        self._consumer = kafka.make_consumer(config.bootstrap, config.group_id, list(config.topics),
+                                             listener=_Rebalance(self))
+        self._producer = None  # created on the first dead letter
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    def stop(self, *_: object) -> None:
+        """Finish the current batch, publish what is buffered, commit, and return from ``run``."""
+        self._stopping = True
+
+    def run(self) -> SinkStats:
+        signal.signal(signal.SIGTERM, self.stop)
+        last_message = time.monotonic()
+        try:
+            while not self._stopping:
+                polled = self._consumer.poll(timeout_ms=200, max_records=20_000)
+                now = time.monotonic()
+                for tp, records in polled.items():
+                    buf = self._buffers.setdefault(tp, _Buffer())
+                    if not buf.values:
+                        buf.since = now
+                    for rec in records:
+                        buf.values.append(rec.value)
+                        buf.offsets.append(rec.offset)
+                        buf.rows += rec.value.count(b"\n") + 1
+                    self.stats.messages += len(records)
+                    last_message = now
+                for tp, buf in list(self._buffers.items()):
+                    if buf.values and (buf.rows >= self.config.max_rows or now - buf.since >= self.config.max_age_s):
+                        self._publish(tp)
+                idle = self.config.idle_exit_s
+                if idle is not None and not polled and now - last_message >= idle and not self._pending():
+                    break
+            for tp in list(self._buffers):
+                self._publish(tp)
+        finally:
+            self._consumer.close(autocommit=False)
+            if self._producer is not None:
+                self._producer.close()
+        return self.stats
+
+    def _pending(self) -> bool:
+        return any(buf.values for buf in self._buffers.values())
+
+    # -- publishing ------------------------------------------------------------------------------
+    def _publish(self, tp: kafka.TopicPartition) -> None:
+        buf = self._buffers.get(tp)
+        if not buf or not buf.values:
+            return
+        table_name = lake.TABLE_OF_TOPIC[tp.topic]
+        schema = lake.TABLES[table_name][1]
+        table, bad = schemas.decode_many(buf.values, schema)
+        if bad:
+            dead = [_dead_letter(tp, buf.offsets[i], reason, raw) for i, reason, raw in bad]
+            if tp.topic == TOPICS.deadletter:  # never loop: keep the unreadable dead letter as a row
+                table = pa.concat_tables([table, schemas.to_table(dead, schemas.DEADLETTER)])
+            else:
+                self._send_dead(dead)
+        first, last = buf.offsets[0], buf.offsets[-1]
+        today = dt.datetime.now(dt.timezone.utc).date()
+        for run_id in pc.unique(table["run_id"]).to_pylist() if table.num_rows else []:
+            part = table.filter(pc.equal(table["run_id"], run_id))
+            lake.write_atomic(part, lake.file_path(self.config.lake, table_name, run_id, today,
+                                                   tp.partition, first, last))
+            self.stats.files += 1
+        kafka.commit_offsets(self._consumer, {tp: last})
+        self.stats.rows += table.num_rows
+        self._buffers[tp] = _Buffer()
+
+    def _send_dead(self, dead: list[dict]) -> None:
+        if self._producer is None:
+            self._producer = kafka.make_producer(self.config.bootstrap)
+        for rec in dead:
+            self._producer.send(TOPICS.deadletter, key=b"sink", value=schemas.encode([rec]))
+        self._producer.flush()  # durable before the offsets that carried them are committed
+        self.stats.dead_lettered += len(dead)
+
+    # -- rebalance -------------------------------------------------------------------------------
+    def on_assigned(self, partitions: list[kafka.TopicPartition]) -> None:
+        for tp in partitions:
+            committed = self._consumer.committed(tp) or 0
+            removed = lake.drop_uncommitted(self.config.lake, lake.TABLE_OF_TOPIC[tp.topic], tp.partition, committed)
+            if removed:
+                log.warning("removed %d lake file(s) of %s[%d] written past committed offset %d; "
+                            "they will be rewritten", len(removed), tp.topic, tp.partition, committed)
+            self.stats.removed_uncommitted += len(removed)
+
+    def on_revoked(self, partitions: list[kafka.TopicPartition]) -> None:
+        for tp in partitions:
+            self._publish(tp)
+            self._buffers.pop(tp, None)
+
+
+class _Rebalance(kafka.ConsumerRebalanceListener):
+    def __init__(self, sink: LakeSink):
+        self.sink = sink
+
+    def on_partitions_revoked(self, revoked):  # noqa: D401 (kafka-python's names)
+        self.sink.on_revoked(list(revoked))
+
+    def on_partitions_assigned(self, assigned):
+        self.sink.on_assigned(list(assigned))
+
+
+def _dead_letter(tp: kafka.TopicPartition, offset: int, reason: str, raw: bytes) -> dict:
+    return {"v": schemas.SCHEMA_VERSION, "run_id": "sink", "stage": "sink", "source": tp.topic, "line": offset,
+            "reason": reason, "payload": raw.decode("utf-8", "backslashreplace")[:65536]}
