@@ -22,8 +22,11 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from adaptwin import kafka, schemas
+from kafka import ConsumerRebalanceListener, TopicPartition
+
+from adaptwin import schemas
 from adaptwin.config import TOPICS
+from adaptwin.kafka import commit_offsets, make_consumer, make_producer
 from adaptwin.ingest import lake
 
 log = logging.getLogger(__name__)
@@ -61,10 +64,10 @@ class LakeSink:
     def __init__(self, config: SinkConfig):
         self.config = config
         self.stats = SinkStats()
-        self._buffers: dict[kafka.TopicPartition, _Buffer] = {}
+        self._buffers: dict[TopicPartition, _Buffer] = {}
         self._stopping = False
-        self._consumer = kafka.make_consumer(config.bootstrap, config.group_id, list(config.topics),
-                                             listener=_Rebalance(self))
+        self._consumer = make_consumer(config.bootstrap, config.group_id, max_partition_fetch_bytes=8 << 20)
+        self._consumer.subscribe(list(config.topics), listener=_Rebalance(self))
         self._producer = None  # created on the first dead letter
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -107,7 +110,7 @@ class LakeSink:
         return any(buf.values for buf in self._buffers.values())
 
     # -- publishing ------------------------------------------------------------------------------
-    def _publish(self, tp: kafka.TopicPartition) -> None:
+    def _publish(self, tp: TopicPartition) -> None:
         buf = self._buffers.get(tp)
         if not buf or not buf.values:
             return
@@ -127,20 +130,20 @@ class LakeSink:
             lake.write_atomic(part, lake.file_path(self.config.lake, table_name, run_id, today,
                                                    tp.partition, first, last))
             self.stats.files += 1
-        kafka.commit_offsets(self._consumer, {tp: last})
+        commit_offsets(self._consumer, {tp: last})
         self.stats.rows += table.num_rows
         self._buffers[tp] = _Buffer()
 
     def _send_dead(self, dead: list[dict]) -> None:
         if self._producer is None:
-            self._producer = kafka.make_producer(self.config.bootstrap)
+            self._producer = make_producer(self.config.bootstrap)
         for rec in dead:
             self._producer.send(TOPICS.deadletter, key=b"sink", value=schemas.encode([rec]))
         self._producer.flush()  # durable before the offsets that carried them are committed
         self.stats.dead_lettered += len(dead)
 
     # -- rebalance -------------------------------------------------------------------------------
-    def on_assigned(self, partitions: list[kafka.TopicPartition]) -> None:
+    def on_assigned(self, partitions: list[TopicPartition]) -> None:
         for tp in partitions:
             committed = self._consumer.committed(tp) or 0
             removed = lake.drop_uncommitted(self.config.lake, lake.TABLE_OF_TOPIC[tp.topic], tp.partition, committed)
@@ -149,13 +152,13 @@ class LakeSink:
                             "they will be rewritten", len(removed), tp.topic, tp.partition, committed)
             self.stats.removed_uncommitted += len(removed)
 
-    def on_revoked(self, partitions: list[kafka.TopicPartition]) -> None:
+    def on_revoked(self, partitions: list[TopicPartition]) -> None:
         for tp in partitions:
             self._publish(tp)
             self._buffers.pop(tp, None)
 
 
-class _Rebalance(kafka.ConsumerRebalanceListener):
+class _Rebalance(ConsumerRebalanceListener):
     def __init__(self, sink: LakeSink):
         self.sink = sink
 
@@ -166,6 +169,6 @@ class _Rebalance(kafka.ConsumerRebalanceListener):
         self.sink.on_assigned(list(assigned))
 
 
-def _dead_letter(tp: kafka.TopicPartition, offset: int, reason: str, raw: bytes) -> dict:
+def _dead_letter(tp: TopicPartition, offset: int, reason: str, raw: bytes) -> dict:
     return {"v": schemas.SCHEMA_VERSION, "run_id": "sink", "stage": "sink", "source": tp.topic, "line": offset,
             "reason": reason, "payload": raw.decode("utf-8", "backslashreplace")[:65536]}
