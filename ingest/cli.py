@@ -6,9 +6,12 @@ Only argparse and adaptwin's light modules are imported here; each handler impor
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 
 from adaptwin.cliutil import UserError, add_kafka_args, add_lake_args, int_list, print_json
+
+_SAFE_ID = re.compile(r"[A-Za-z0-9._-]{1,120}")
 
 
 def register(sub: argparse._SubParsersAction, twin: argparse._SubParsersAction) -> None:
@@ -16,8 +19,8 @@ def register(sub: argparse._SubParsersAction, twin: argparse._SubParsersAction) 
                        description="Validate every row of a trace and publish the requests to adaptwin.requests; "
                                    "bad rows go to adaptwin.deadletter with the reason.")
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--trace", help="trace file, or a shipped trace: azure_conv, azure_code, mooncake_conversation, "
-                                     "mooncake_synthetic, servegen_m-small, servegen_deepseek-r1")
+    src.add_argument("--trace", help="trace file, or a shipped trace: azure-conv, azure-code, mooncake-conversation, "
+                                     "mooncake-synthetic, servegen-m-small, servegen-deepseek-r1")
     src.add_argument("--synthetic", metavar="SPEC",
                      help="generated workload, e.g. 'paper:rates=0.1,0.05;ranks=8,16;adapters=32;duration=600'")
     p.add_argument("--format", choices=["azure", "mooncake", "servegen", "parquet", "csv"],
@@ -25,13 +28,20 @@ def register(sub: argparse._SubParsersAction, twin: argparse._SubParsersAction) 
     p.add_argument("--columns", help="column mapping for csv/parquet, e.g. 'ts=arrival,prompt_tokens=in,"
                                      "output_tokens=out,adapter_id=model'")
     p.add_argument("--adapters", type=int, default=None, help="adapters to assign when the trace has none")
-    p.add_argument("--popularity", default=None, help="adapter popularity law: zipf:S, uniform or servegen")
-    p.add_argument("--ranks", type=int_list, default=None, help="adapter ranks, round-robin (default 8)")
+    p.add_argument("--popularity", default="zipf:1.1",
+                   help="adapter popularity for traces without adapter ids: zipf:S, uniform or servegen[:NAME] "
+                        "(default zipf:1.1)")
+    p.add_argument("--ranks", type=int_list, default=[8], help="adapter ranks, round-robin (default 8)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--run-id", default=None, help="ingest job id (default: derived from the source and time)")
     p.add_argument("--speedup", type=float, default=None,
                    help="replay in scaled wall time (2 = twice as fast as the trace); default: as fast as possible")
-    p.add_argument("--limit", type=int, default=None, help="stop after this many rows")
+    p.add_argument("--limit", type=int, default=None, help="stop after this many requests")
+    p.add_argument("--start", type=float, default=0.0, metavar="S", help="skip the trace's first S seconds")
+    p.add_argument("--duration", type=float, default=None, metavar="S", help="keep S seconds of trace")
+    p.add_argument("--rate-scale", type=float, default=1.0, help="ServeGen: scale every client's rate")
+    p.add_argument("--lengths", default="azure-conv",
+                   help="ServeGen: shipped trace to draw token lengths from (default azure-conv)")
     p.add_argument("--loop", type=int, default=1, help="repeat the trace this many times (shifted in time)")
     p.add_argument("--batch-size", type=int, default=5000, help="rows per validation batch")
     p.add_argument("--json", action="store_true", help="print the counts as one JSON line")
@@ -71,7 +81,13 @@ def _ingest(args: argparse.Namespace) -> int:
     from adaptwin.ingest import producer, source
 
     run_id = args.run_id or f"ingest-{time.strftime('%Y%m%dT%H%M%S')}"
-    ingest_config = source.config_from_args(args, run_id)
+    if not _SAFE_ID.fullmatch(run_id):
+        raise UserError(f"--run-id must match [A-Za-z0-9._-]{{1,120}}, got {run_id!r}")
+    ingest_config = source.IngestConfig(
+        trace=args.trace, synthetic=args.synthetic, format=args.format, columns=args.columns,
+        adapters=args.adapters, popularity=args.popularity, ranks=tuple(args.ranks), seed=args.seed,
+        run_id=run_id, max_rows=args.limit, loop=args.loop, start_s=args.start, duration_s=args.duration,
+        rate_scale=args.rate_scale, lengths=args.lengths)
     report = producer.produce(source.iter_batches(ingest_config, batch_size=args.batch_size),
                               config.bootstrap(args.bootstrap), run_id, speedup=args.speedup)
     summary = report.as_dict()
