@@ -13,7 +13,7 @@ import logging
 import sys
 
 from adaptwin import __version__, log
-from adaptwin.cliutil import UserError
+from adaptwin.cliutil import UserError, add_kafka_args, add_lake_args
 
 PARTS = (
     "adaptwin.ingest.cli",
@@ -42,7 +42,22 @@ def build_parser() -> argparse.ArgumentParser:
                 raise
             continue  # that part has no commands yet
         module.register(sub, twin)
+    demo = sub.add_parser("demo", help="run the pipeline end to end on a real trace and summarise the lake")
+    demo.add_argument("--trace", default="azure-conv", help="shipped trace name or file (default azure-conv)")
+    demo.add_argument("--adapters", type=int, default=64)
+    demo.add_argument("--limit", type=int, default=None, help="only the first N requests")
+    add_kafka_args(demo)
+    add_lake_args(demo)
+    demo.set_defaults(func=_demo)
     return parser
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from adaptwin import config, demo
+
+    demo.run(demo.DemoConfig(bootstrap=config.bootstrap(args.bootstrap), lake=config.lake(args.lake),
+                             trace=args.trace, adapters=args.adapters, limit=args.limit))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -41,3 +41,29 @@ def print_json(obj: dict[str, Any]) -> None:
     """The `--json` contract: exactly one JSON object on one line, the last line of stdout."""
     sys.stdout.write(json.dumps(obj, separators=(",", ":"), allow_nan=False) + "\n")
     sys.stdout.flush()
+
+
+def render_table(table, max_rows: int = 50) -> str:
+    """An Arrow table as plain text (no extra dependency), with a row count footer."""
+    rows = table.slice(0, max_rows).to_pylist()
+    names = table.schema.names
+    cells = [[_fmt(r[n]) for n in names] for r in rows]
+    widths = [max([len(n)] + [len(c[i]) for c in cells]) for i, n in enumerate(names)]
+    line = "  ".join("-" * w for w in widths)
+    out = ["  ".join(n.ljust(w) for n, w in zip(names, widths)), line]
+    out += ["  ".join(c.rjust(w) if _numeric(c) else c.ljust(w) for c, w in zip(row, widths)) for row in cells]
+    more = f" (showing {max_rows})" if table.num_rows > max_rows else ""
+    out.append(f"({table.num_rows} row{'s' if table.num_rows != 1 else ''}{more})")
+    return "\n".join(out)
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return "NULL"
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return str(value)
+
+
+def _numeric(text: str) -> bool:
+    return text.replace(".", "", 1).replace("-", "", 1).replace("e", "", 1).isdigit()

@@ -164,13 +164,16 @@ def check(record: Any, schema: pa.Schema) -> dict:
     return record
 
 
+_ENCODE = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode
+
+
 def encode(records: Iterable[dict]) -> bytes:
     """A batch of records as one Kafka message value: newline-delimited JSON, one record per line.
 
     NDJSON rather than a JSON array so that a consumer can parse many messages at once with Arrow's
     C++ JSON reader (``decode_many``).
     """
-    return b"\n".join(json.dumps(r, separators=(",", ":"), allow_nan=False).encode() for r in records)
+    return "\n".join(map(_ENCODE, records)).encode()
 
 
 def decode(value: bytes, schema: pa.Schema) -> list[dict]:

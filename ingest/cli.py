@@ -9,7 +9,7 @@ import argparse
 import re
 import sys
 
-from adaptwin.cliutil import UserError, add_kafka_args, add_lake_args, int_list, print_json
+from adaptwin.cliutil import UserError, add_kafka_args, add_lake_args, int_list, print_json, render_table
 
 _SAFE_ID = re.compile(r"[A-Za-z0-9._-]{1,120}")
 
@@ -137,34 +137,8 @@ def _query(args: argparse.Namespace) -> int:
         for row in table.to_pylist():
             sys.stdout.write(json.dumps(row, default=str) + "\n")
     else:
-        print(_render(table, args.max_rows))
+        print(render_table(table, args.max_rows))
     return 0
-
-
-def _render(table, max_rows: int) -> str:
-    """A plain-text table (no extra dependency), with a row count footer."""
-    rows = table.slice(0, max_rows).to_pylist()
-    names = table.schema.names
-    cells = [[_fmt(r[n]) for n in names] for r in rows]
-    widths = [max([len(n)] + [len(c[i]) for c in cells]) for i, n in enumerate(names)]
-    line = "  ".join("-" * w for w in widths)
-    out = ["  ".join(n.ljust(w) for n, w in zip(names, widths)), line]
-    out += ["  ".join(c.rjust(w) if _numeric(c) else c.ljust(w) for c, w in zip(row, widths)) for row in cells]
-    more = f" (showing {max_rows})" if table.num_rows > max_rows else ""
-    out.append(f"({table.num_rows} row{'s' if table.num_rows != 1 else ''}{more})")
-    return "\n".join(out)
-
-
-def _fmt(value) -> str:
-    if value is None:
-        return "NULL"
-    if isinstance(value, float):
-        return f"{value:.6g}"
-    return str(value)
-
-
-def _numeric(text: str) -> bool:
-    return text.replace(".", "", 1).replace("-", "", 1).replace("e", "", 1).isdigit()
 
 
 def _topics(args: argparse.Namespace) -> int:

@@ -58,6 +58,8 @@ class SinkStats:
     files: int = 0
     dead_lettered: int = 0
     removed_uncommitted: int = 0
+    first_message_at: float | None = None  # time.monotonic() of the first message polled
+    last_commit_at: float | None = None  # ... and of the last commit (their difference: busy time)
 
 
 class LakeSink:
@@ -67,7 +69,8 @@ class LakeSink:
         self._buffers: dict[TopicPartition, _Buffer] = {}
         self._stopping = False
         self._consumer = make_consumer(config.bootstrap, config.group_id, max_partition_fetch_bytes=8 << 20)
-        self._consumer.subscribe(list(config.topics), listener=_Rebalance(self))
+        self._rebalance = _Rebalance()
+        self._consumer.subscribe(list(config.topics), listener=self._rebalance)
         self._producer = None  # created on the first dead letter
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -81,6 +84,10 @@ class LakeSink:
         try:
             while not self._stopping:
                 polled = self._consumer.poll(timeout_ms=200, max_records=20_000)
+                assigned, revoked = self._rebalance.take()
+                for tp in revoked:  # not ours any more: the new owner re-reads from the committed offset
+                    self._buffers.pop(tp, None)
+                self._on_assigned(assigned)
                 now = time.monotonic()
                 for tp, records in polled.items():
                     buf = self._buffers.setdefault(tp, _Buffer())
@@ -92,6 +99,8 @@ class LakeSink:
                         buf.rows += rec.value.count(b"\n") + 1
                     self.stats.messages += len(records)
                     last_message = now
+                    if self.stats.first_message_at is None:
+                        self.stats.first_message_at = now
                 for tp, buf in list(self._buffers.items()):
                     if buf.values and (buf.rows >= self.config.max_rows or now - buf.since >= self.config.max_age_s):
                         self._publish(tp)
@@ -131,6 +140,7 @@ class LakeSink:
                                                    tp.partition, first, last))
             self.stats.files += 1
         commit_offsets(self._consumer, {tp: last})
+        self.stats.last_commit_at = time.monotonic()
         self.stats.rows += table.num_rows
         self._buffers[tp] = _Buffer()
 
@@ -143,7 +153,10 @@ class LakeSink:
         self.stats.dead_lettered += len(dead)
 
     # -- rebalance -------------------------------------------------------------------------------
-    def on_assigned(self, partitions: list[TopicPartition]) -> None:
+    # kafka-python 3 runs rebalance callbacks on its IO thread, where blocking calls (committed(), commit)
+    # are not allowed; the listener only records what changed and the poll loop acts on it.
+    def _on_assigned(self, partitions: list[TopicPartition]) -> None:
+        """Before anything of a newly assigned partition is buffered: drop its uncommitted files."""
         for tp in partitions:
             committed = self._consumer.committed(tp) or 0
             removed = lake.drop_uncommitted(self.config.lake, lake.TABLE_OF_TOPIC[tp.topic], tp.partition, committed)
@@ -152,21 +165,22 @@ class LakeSink:
                             "they will be rewritten", len(removed), tp.topic, tp.partition, committed)
             self.stats.removed_uncommitted += len(removed)
 
-    def on_revoked(self, partitions: list[TopicPartition]) -> None:
-        for tp in partitions:
-            self._publish(tp)
-            self._buffers.pop(tp, None)
-
 
 class _Rebalance(ConsumerRebalanceListener):
-    def __init__(self, sink: LakeSink):
-        self.sink = sink
+    def __init__(self) -> None:
+        self.assigned: list[TopicPartition] = []
+        self.revoked: list[TopicPartition] = []
 
-    def on_partitions_revoked(self, revoked):  # noqa: D401 (kafka-python's names)
-        self.sink.on_revoked(list(revoked))
+    def on_partitions_revoked(self, revoked):
+        self.revoked.extend(revoked)
 
     def on_partitions_assigned(self, assigned):
-        self.sink.on_assigned(list(assigned))
+        self.assigned.extend(assigned)
+
+    def take(self) -> tuple[list[TopicPartition], list[TopicPartition]]:
+        assigned, self.assigned = self.assigned, []
+        revoked, self.revoked = self.revoked, []
+        return assigned, revoked
 
 
 def _dead_letter(tp: TopicPartition, offset: int, reason: str, raw: bytes) -> dict:
