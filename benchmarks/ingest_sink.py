@@ -79,9 +79,10 @@ def main() -> None:
     if args.bootstrap:
         run(args.bootstrap, args.loops)
         return
-    from adaptwin.broker import LocalBroker
+    from adaptwin.broker import LocalBroker, free_port
 
-    broker = LocalBroker.on_free_ports(Path(tempfile.mkdtemp(prefix="adaptwin-bench-kafka-")))
+    broker = LocalBroker(port=free_port(), controller_port=free_port(),
+                         data_dir=Path(tempfile.mkdtemp(prefix="adaptwin-bench-kafka-")))
     broker.start()
     try:
         run(broker.bootstrap, args.loops)

@@ -6,6 +6,7 @@ Only argparse and adaptwin's light modules are imported here; each handler impor
 from __future__ import annotations
 
 import argparse
+import itertools
 import re
 import sys
 
@@ -51,6 +52,9 @@ def register(sub: argparse._SubParsersAction, twin: argparse._SubParsersAction) 
 
     p = sub.add_parser("sink", help="write Kafka topics to the Parquet lake (exactly once)")
     p.add_argument("--group", default="adaptwin-sink", help="consumer group id")
+    p.add_argument("--instance-id", default=None,
+                   help="static group membership id: a restarted sink with the same id resumes at once "
+                        "instead of waiting for the group to notice the old one is gone")
     p.add_argument("--topics", default=None, help="comma-separated topics (default: every lake topic)")
     p.add_argument("--idle-exit", type=float, default=None, metavar="S",
                    help="exit after S seconds without new messages (default: run until stopped)")
@@ -88,7 +92,9 @@ def _ingest(args: argparse.Namespace) -> int:
         adapters=args.adapters, popularity=args.popularity, ranks=tuple(args.ranks), seed=args.seed,
         run_id=run_id, max_rows=args.limit, loop=args.loop, start_s=args.start, duration_s=args.duration,
         rate_scale=args.rate_scale, lengths=args.lengths)
-    report = producer.produce(source.iter_batches(ingest_config, batch_size=args.batch_size),
+    batches = source.iter_batches(ingest_config, batch_size=args.batch_size)
+    first = next(batches, None)  # a file that is not a trace fails here, before anything is sent
+    report = producer.produce(itertools.chain([first] if first else [], batches),
                               config.bootstrap(args.bootstrap), run_id, speedup=args.speedup)
     summary = report.as_dict()
     if args.json:
@@ -111,7 +117,8 @@ def _sink(args: argparse.Namespace) -> int:
     if unknown:
         raise UserError(f"no lake table for topic(s) {unknown}; known: {[t for t, _ in TABLES.values()]}")
     sink = LakeSink(SinkConfig(bootstrap=config.bootstrap(args.bootstrap), lake=config.lake(args.lake),
-                               topics=topics, group_id=args.group, max_age_s=args.max_age,
+                               topics=topics, group_id=args.group, instance_id=args.instance_id,
+                               max_age_s=args.max_age,
                                idle_exit_s=args.idle_exit))
     stats = sink.run()
     if args.json:

@@ -38,6 +38,7 @@ class SinkConfig:
     lake: Path
     topics: tuple[str, ...] = tuple(topic for topic, _ in lake.TABLES.values())
     group_id: str = "adaptwin-sink"
+    instance_id: str | None = None  # static group membership: a restarted sink takes its partitions back at once
     max_rows: int = 250_000  # publish a partition's buffer once it holds this many messages' rows ...
     max_age_s: float = 2.0  # ... or once its oldest message waited this long
     idle_exit_s: float | None = None  # stop after this long without new messages (tests, batch jobs)
@@ -68,7 +69,9 @@ class LakeSink:
         self.stats = SinkStats()
         self._buffers: dict[TopicPartition, _Buffer] = {}
         self._stopping = False
-        self._consumer = make_consumer(config.bootstrap, config.group_id, max_partition_fetch_bytes=8 << 20)
+        # A 10 s session (not 45 s) lets the group move on soon after a sink dies without saying goodbye.
+        self._consumer = make_consumer(config.bootstrap, config.group_id, max_partition_fetch_bytes=8 << 20,
+                                       session_timeout_ms=10_000, group_instance_id=config.instance_id)
         self._rebalance = _Rebalance()
         self._consumer.subscribe(list(config.topics), listener=self._rebalance)
         self._producer = None  # created on the first dead letter
@@ -104,6 +107,8 @@ class LakeSink:
                 for tp, buf in list(self._buffers.items()):
                     if buf.values and (buf.rows >= self.config.max_rows or now - buf.since >= self.config.max_age_s):
                         self._publish(tp)
+                if not self._consumer.assignment():
+                    last_message = now  # still joining the group: waiting for partitions is not idleness
                 idle = self.config.idle_exit_s
                 if idle is not None and not polled and now - last_message >= idle and not self._pending():
                     break

@@ -75,7 +75,8 @@ def test_sigkill_at_random_moments_keeps_lake_exactly_once(bootstrap, tmp_path):
     n = 60_000
     rng = random.Random(7)
     cmd = [sys.executable, "-m", "adaptwin", "sink", "--bootstrap", bootstrap, "--lake", str(tmp_path),
-           "--topics", TOPICS.requests, "--group", f"g-{run_id}", "--max-age", "0.05"]
+           "--topics", TOPICS.requests, "--group", f"g-{run_id}", "--max-age", "0.05",
+           "--instance-id", "sink-under-test"]
     kills = 0
     # produce from a thread while the sink is killed and restarted
     t = threading.Thread(target=_produce, args=(bootstrap, run_id, n, 40))
@@ -87,6 +88,7 @@ def test_sigkill_at_random_moments_keeps_lake_exactly_once(bootstrap, tmp_path):
         sink.wait()
         kills += 1
     t.join()
+    assert 0 < _count(tmp_path, run_id)[0], "the killed sinks never got to write: the test did not test anything"
     final = subprocess.run(cmd + ["--idle-exit", "3"], capture_output=True, text=True, timeout=180)
     assert final.returncode == 0, final.stderr
     assert _count(tmp_path, run_id) == (n, n), f"after {kills} kills"
