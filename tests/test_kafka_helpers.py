@@ -1,0 +1,146 @@
+"""adaptwin.kafka against the real broker (session fixture): round trips, offsets, topics, lag, errors."""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+
+import pytest
+from kafka import TopicPartition
+from kafka.codec import zstd_decode, zstd_encode
+
+from adaptwin.broker import free_port
+from adaptwin.cliutil import UserError
+from adaptwin.config import TOPIC_PARTITIONS, TOPICS
+from adaptwin.kafka import (PRODUCER_DEFAULTS, admin_client, commit_offsets, consumer_lag, ensure_topics,
+                            make_consumer, make_producer, wait_for_broker)
+
+
+def consume(consumer, want: int, timeout_s: float = 20.0) -> list:
+    """Poll until `want` records arrived (or the timeout); returns them in arrival order."""
+    records: list = []
+    deadline = time.monotonic() + timeout_s
+    while len(records) < want and time.monotonic() < deadline:
+        for batch in consumer.poll(timeout_ms=200).values():
+            records.extend(batch)
+    return records
+
+
+def produce(bootstrap: str, topic: str, n: int, key_of=lambda i: None) -> dict:
+    """Send n records (value = str(i)), wait for every ack; returns the producer's metrics."""
+    producer = make_producer(bootstrap)
+    try:
+        futures = [producer.send(topic, value=f"{i}".encode(), key=key_of(i)) for i in range(n)]
+        producer.flush(timeout=30)
+        for f in futures:
+            f.get(timeout=1)
+        return producer.metrics()
+    finally:
+        producer.close(timeout=5)
+
+
+def test_zstd_codec_works_with_installed_zstandard():
+    payload = b'{"adapter_id": "lora-7", "prompt_tokens": 812}' * 200
+    assert PRODUCER_DEFAULTS["compression_type"] == "zstd"
+    packed = zstd_encode(payload)
+    assert len(packed) < len(payload) // 10
+    assert zstd_decode(packed) == payload
+
+
+def test_round_trip_keeps_each_keys_order(bootstrap, make_topic):
+    topic = make_topic(partitions=4)
+    n, keys = 2000, [f"lora-{k}".encode() for k in range(13)]
+    metrics = produce(bootstrap, topic, n, key_of=lambda i: keys[i % len(keys)])
+
+    consumer = make_consumer(bootstrap, "g-roundtrip", topic)
+    try:
+        records = consume(consumer, n)
+    finally:
+        consumer.close()
+    assert len(records) == n
+    assert {int(r.value) for r in records} == set(range(n))
+    per_key: dict[bytes, list[int]] = defaultdict(list)
+    partition_of: dict[bytes, set[int]] = defaultdict(set)
+    for r in records:
+        per_key[r.key].append(int(r.value))
+        partition_of[r.key].add(r.partition)
+    assert all(v == sorted(v) for v in per_key.values())        # order kept per key (= per adapter)
+    assert all(len(p) == 1 for p in partition_of.values())     # a key sticks to one partition
+    assert len({r.partition for r in records}) > 1             # and keys do spread over partitions
+    # linger_ms + a large batch_size: many records travel per produce request.
+    assert metrics["producer-metrics"]["records-per-request-avg"] > 20
+
+
+def test_committed_offsets_survive_consumer_restart(bootstrap, make_topic):
+    topic = make_topic(partitions=1)
+    tp = TopicPartition(topic, 0)
+    produce(bootstrap, topic, 100)
+
+    first = make_consumer(bootstrap, "g-restart", topic)
+    try:
+        got = consume(first, 100)
+        assert len(got) == 100
+        commit_offsets(first, {tp: got[59].offset})            # processed 0..59 durably
+    finally:
+        first.close()
+    assert consumer_lag(bootstrap, "g-restart") == {(topic, 0): 40}
+
+    second = make_consumer(bootstrap, "g-restart", topic)
+    try:
+        rest = consume(second, 40)
+        assert [int(r.value) for r in rest] == list(range(60, 100))
+        assert second.poll(timeout_ms=500) == {}             # nothing beyond what was left
+        commit_offsets(second, {tp: rest[-1].offset})
+        assert second.committed(tp) == 100
+    finally:
+        second.close()
+    assert consumer_lag(bootstrap, "g-restart") == {(topic, 0): 0}
+
+
+def test_consumer_lag_counts_partitions_without_commits(bootstrap, make_topic):
+    topic = make_topic(partitions=2)
+    produce(bootstrap, topic, 10, key_of=lambda i: b"a" if i < 7 else b"b")
+    lag = consumer_lag(bootstrap, "g-never-consumed", topics=[topic])
+    assert set(lag) == {(topic, 0), (topic, 1)}
+    assert sum(lag.values()) == 10
+    assert consumer_lag(bootstrap, "g-never-consumed") == {}
+
+
+def test_ensure_topics_is_idempotent(bootstrap):
+    # The session fixture already created every project topic: a second call creates nothing.
+    assert ensure_topics(bootstrap) == []
+    with admin_client(bootstrap) as admin:
+        parts = {t["name"]: len(t["partitions"]) for t in admin.describe_topics(TOPICS.all())}
+    assert parts[TOPICS.requests] == TOPIC_PARTITIONS[TOPICS.requests]
+    assert parts[TOPICS.telemetry] == 1
+
+    name = f"idem-{time.monotonic_ns()}"
+    assert ensure_topics(bootstrap, {name: 3}) == [name]
+    assert ensure_topics(bootstrap, {name: 3}) == []
+    assert ensure_topics(bootstrap, [name, TOPICS.windows]) == []
+
+
+def test_auto_create_is_off(bootstrap):
+    """A misspelt topic must fail, not silently appear (the project creates its topics)."""
+    producer = make_producer(bootstrap, max_block_ms=1500)
+    try:
+        with pytest.raises(Exception):
+            producer.send("adaptwin.no-such-topic", b"x").get(timeout=5)
+    finally:
+        producer.close(timeout=2)
+    with admin_client(bootstrap) as admin:
+        assert "adaptwin.no-such-topic" not in admin.list_topics()
+
+
+def test_wait_for_broker_on_dead_port_says_what_to_do():
+    port = free_port()                                       # nothing listens there
+    t0 = time.monotonic()
+    with pytest.raises(UserError) as e:
+        wait_for_broker(f"127.0.0.1:{port}", timeout_s=1.5)
+    assert time.monotonic() - t0 < 8
+    assert f"127.0.0.1:{port}" in str(e.value) and "make kafka-up" in str(e.value)
+
+
+def test_producer_on_dead_port_raises_user_error():
+    with pytest.raises(UserError, match="make kafka-up"):
+        make_producer(f"127.0.0.1:{free_port()}", bootstrap_timeout_ms=1000)
