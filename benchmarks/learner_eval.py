@@ -1,0 +1,101 @@
+"""Learner benchmark: the two prequential targets of issue 7, on the shared validation files.
+
+    .venv/bin/python -m benchmarks.learner_eval [--grid-rows 3000] [--warm-rows 6000] [--models ...] [--json]
+
+1. *twin grid*: ``ml_train_sim.csv.gz`` (the paper's twin on its ML grid), shuffled (seed 0), first ``--grid-rows``
+   rows, cold start.
+2. *real runs*: ``scenarios_table1.csv`` shuffled (seed 0), warm-started from ``ml_train_sim.csv.gz``
+   (``--warm-rows``: same-workload rows first, then a random sample), plus the paper twin's own replays of those runs
+   (``twin_validation_sim.csv``, lengths rescaled to the real pool, as in docs/learner.md) as "the twin alone".
+
+Fixed seeds; wall time and the load average are recorded with the numbers (the machine is shared).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import random
+import time
+from pathlib import Path
+
+DATA = Path(os.environ.get("ADAPTWIN_SHARED", "/work/shared")) / "data" / "validation"
+
+
+def paper_twin_alone(order) -> dict:
+    """half sMAPE of the paper twin's replays vs the real runs, raw and rescaled by the length means (420/462)."""
+    from adaptwin.learner.metrics import half_smape_term
+
+    sim = {}
+    with open(DATA / "twin_validation_sim.csv", newline="") as fh:
+        for row in csv.DictReader(fh):
+            key = (row["model"], row["rates"], int(row["max_lora_rank"]), int(row["max_loras"]),
+                   int(row["max_cpu_loras"]))
+            sim[key] = float(row["sim_total_throughput"])
+    with open(DATA / "scenarios_table1.csv", newline="") as fh:
+        real = list(csv.DictReader(fh))
+    rows = [real[i] for i in order]
+    pairs = [(float(r["total_throughput"]), sim[(r["model"], r["rates"], int(r["max_lora_rank"]),
+                                                 int(r["max_loras"]), int(r["served_adapters"]))]) for r in rows]
+    scale = {"llama-3.1-8b-instruct": 419.97 / 462.23, "qwen-2.5-7b-instruct": 422.47 / 467.0}
+    resc = [(y, p * scale[r["model"]]) for (y, p), r in zip(pairs, rows)]
+    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    return {"paper_twin_half_smape": round(mean([half_smape_term(y, p) for y, p in pairs]), 3),
+            "paper_twin_rescaled_half_smape": round(mean([half_smape_term(y, p) for y, p in resc]), 3),
+            "paper_twin_rescaled_half_smape_after_50": round(mean([half_smape_term(y, p) for y, p in resc[50:]]), 3)}
+
+
+def main(argv=None) -> int:
+    from adaptwin.learner.dataset import read_runs
+    from adaptwin.learner.models import CANDIDATES
+    from adaptwin.learner.prequential import evaluate
+    from adaptwin.learner.warmstart import select_warm_runs
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--grid-rows", type=int, default=3000)
+    ap.add_argument("--warm-rows", type=int, default=6000)
+    ap.add_argument("--models", default=",".join(CANDIDATES))
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args(argv)
+    models = args.models.split(",")
+    out = {"load_avg_before": os.getloadavg()}
+
+    t0 = time.perf_counter()
+    grid = read_runs(DATA / "ml_train_sim.csv.gz")
+    shuffled = list(grid)
+    random.Random(0).shuffle(shuffled)
+    out["twin_grid"] = evaluate(shuffled[: args.grid_rows], candidates=models)
+    out["twin_grid"]["wall_s"] = round(time.perf_counter() - t0, 1)
+
+    t0 = time.perf_counter()
+    real = read_runs(DATA / "scenarios_table1.csv")
+    order = list(range(len(real)))
+    random.Random(0).shuffle(order)
+    real = [real[i] for i in order]
+    warm = select_warm_runs(grid, real, args.warm_rows, seed=0)
+    out["real"] = evaluate(real, warm, candidates=models, warm_label="ml_train_sim.csv.gz")
+    out["real"]["wall_s"] = round(time.perf_counter() - t0, 1)
+    out["real"].update(paper_twin_alone(order))
+    out["load_avg_after"] = os.getloadavg()
+    if args.json:
+        print(json.dumps(out))
+        return 0
+    for part in ("twin_grid", "real"):
+        rep = out[part]
+        print(f"== {part}: chosen {rep['model']}, {rep['rows']} rows, warm {rep['warm_rows']}, {rep['wall_s']} s")
+        for name, c in rep["candidates"].items():
+            print(f"  {name:10s} half-sMAPE {c['throughput_half_smape']:6.2f} %  after-50 "
+                  f"{c.get('half_smape_after_50', float('nan')):6.2f}  warm-alone "
+                  f"{c.get('prior_half_smape_after_50', float('nan')):6.2f}  F1 {c['starvation_f1']:.3f} "
+                  f"({c['starvation_method']})  cover {c.get('interval_coverage', 0):.3f}  regret "
+                  f"{c.get('config_regret_pct_mean', float('nan')):.2f}/{c.get('config_regret_pct_max', float('nan')):.2f} %"
+                  f"  predict {c['predict_ms']:.3f} ms  learn {c['learn_ms']:.3f} ms")
+    print({k: v for k, v in out["real"].items() if k.startswith("paper_twin")})
+    print(f"load average before {out['load_avg_before']}, after {out['load_avg_after']}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
