@@ -199,6 +199,20 @@ def ensure_topics(bootstrap: str, topics: Mapping[str, int] | Iterable[str] | No
     return created
 
 
+def topic_partitions(bootstrap: str, topics: Iterable[str], timeout_s: float = 30.0) -> list[TopicPartition]:
+    """Every partition of `topics`, in a stable order; UserError naming any topic that does not exist."""
+    names = list(topics)
+    with admin_client(bootstrap, timeout_s) as admin:
+        described = {t["name"]: t for t in admin.describe_topics(names)}
+    missing = [n for n in names if n not in described or described[n].get("error_code", 0) != 0
+               or not described[n].get("partitions")]
+    if missing:
+        raise UserError(f"Kafka topic(s) {', '.join(missing)} do not exist on {bootstrap}; "
+                        f"create them with `adaptwin topics create`")
+    return [TopicPartition(n, p["partition_index"]) for n in names
+            for p in sorted(described[n]["partitions"], key=lambda p: p["partition_index"])]
+
+
 def make_producer(bootstrap: str, **overrides: Any) -> KafkaProducer:
     """A KafkaProducer with the project's delivery defaults (PRODUCER_DEFAULTS), any of them overridable."""
     return _construct(KafkaProducer, bootstrap, **{**PRODUCER_DEFAULTS, **overrides})

@@ -51,10 +51,7 @@ def register(sub: argparse._SubParsersAction, twin: argparse._SubParsersAction) 
     p.set_defaults(func=_ingest)
 
     p = sub.add_parser("sink", help="write Kafka topics to the Parquet lake (exactly once)")
-    p.add_argument("--group", default="adaptwin-sink", help="consumer group id")
-    p.add_argument("--instance-id", default=None,
-                   help="static group membership id: a restarted sink with the same id resumes at once "
-                        "instead of waiting for the group to notice the old one is gone")
+    p.add_argument("--group", default="adaptwin-sink", help="group id its offsets are committed under")
     p.add_argument("--topics", default=None, help="comma-separated topics (default: every lake topic)")
     p.add_argument("--idle-exit", type=float, default=None, metavar="S",
                    help="exit after S seconds without new messages (default: run until stopped)")
@@ -117,8 +114,7 @@ def _sink(args: argparse.Namespace) -> int:
     if unknown:
         raise UserError(f"no lake table for topic(s) {unknown}; known: {[t for t, _ in TABLES.values()]}")
     sink = LakeSink(SinkConfig(bootstrap=config.bootstrap(args.bootstrap), lake=config.lake(args.lake),
-                               topics=topics, group_id=args.group, instance_id=args.instance_id,
-                               max_age_s=args.max_age,
+                               topics=topics, group_id=args.group, max_age_s=args.max_age,
                                idle_exit_s=args.idle_exit))
     stats = sink.run()
     if args.json:

@@ -1,10 +1,16 @@
 """Kafka → Parquet lake sink (``adaptwin sink``): exactly-once by construction.
 
 Per Kafka partition the sink buffers messages, then publishes them as Parquet files (one per run id)
-named after the batch's offset range, and only after the rename commits the offsets. On every
-partition assignment it deletes files at or past the committed offset (written, but not committed
-before a crash), so whatever is re-delivered replaces them instead of duplicating rows. Killed with
-SIGKILL at any moment and restarted, the lake ends with exactly the produced rows.
+named after the batch's offset range, and only after the rename commits the offsets. At start it
+deletes files at or past the committed offset (written, but not committed before a crash), so whatever
+is re-delivered replaces them instead of duplicating rows. Killed with SIGKILL at any moment and
+restarted, the lake ends with exactly the produced rows.
+
+The sink assigns itself every partition of its topics rather than joining a consumer group: a restart
+resumes at once, with no group rebalance to wait for (kafka-python 3.0's group join can stall for
+minutes after a broker restart or under load). Offsets are still committed under ``group_id``, so
+`consumer_lag` sees the sink like any group. One sink per (lake, group) runs at a time; a lock file in
+the lake refuses a second one.
 
 Records that do not match their topic's schema go to the dead-letter topic with the reason; the
 dead-letter producer is flushed before the offsets that carried them are committed.
@@ -13,7 +19,9 @@ dead-letter producer is flushed before the offsets that carried them are committ
 from __future__ import annotations
 
 import datetime as dt
+import fcntl
 import logging
+import os
 import signal
 import time
 from dataclasses import dataclass, field
@@ -22,11 +30,12 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from kafka import ConsumerRebalanceListener, TopicPartition
+from kafka import TopicPartition
 
 from adaptwin import schemas
 from adaptwin.config import TOPICS
-from adaptwin.kafka import commit_offsets, make_consumer, make_producer
+from adaptwin.cliutil import UserError
+from adaptwin.kafka import commit_offsets, make_consumer, make_producer, topic_partitions
 from adaptwin.ingest import lake
 
 log = logging.getLogger(__name__)
@@ -38,7 +47,6 @@ class SinkConfig:
     lake: Path
     topics: tuple[str, ...] = tuple(topic for topic, _ in lake.TABLES.values())
     group_id: str = "adaptwin-sink"
-    instance_id: str | None = None  # static group membership: a restarted sink takes its partitions back at once
     max_rows: int = 250_000  # publish a partition's buffer once it holds this many messages' rows ...
     max_age_s: float = 2.0  # ... or once its oldest message waited this long
     idle_exit_s: float | None = None  # stop after this long without new messages (tests, batch jobs)
@@ -69,12 +77,16 @@ class LakeSink:
         self.stats = SinkStats()
         self._buffers: dict[TopicPartition, _Buffer] = {}
         self._stopping = False
-        # A 10 s session (not 45 s) lets the group move on soon after a sink dies without saying goodbye.
-        self._consumer = make_consumer(config.bootstrap, config.group_id, max_partition_fetch_bytes=8 << 20,
-                                       session_timeout_ms=10_000, group_instance_id=config.instance_id)
-        self._rebalance = _Rebalance()
-        self._consumer.subscribe(list(config.topics), listener=self._rebalance)
         self._producer = None  # created on the first dead letter
+        self._lock = _lock_lake(config.lake, config.group_id)
+        try:
+            partitions = topic_partitions(config.bootstrap, config.topics)
+            self._consumer = make_consumer(config.bootstrap, config.group_id, max_partition_fetch_bytes=8 << 20)
+            self._consumer.assign(partitions)
+            self._resume(partitions)
+        except BaseException:
+            os.close(self._lock)
+            raise
 
     # -- lifecycle -------------------------------------------------------------------------------
     def stop(self, *_: object) -> None:
@@ -87,10 +99,6 @@ class LakeSink:
         try:
             while not self._stopping:
                 polled = self._consumer.poll(timeout_ms=200, max_records=20_000)
-                assigned, revoked = self._rebalance.take()
-                for tp in revoked:  # not ours any more: the new owner re-reads from the committed offset
-                    self._buffers.pop(tp, None)
-                self._on_assigned(assigned)
                 now = time.monotonic()
                 for tp, records in polled.items():
                     buf = self._buffers.setdefault(tp, _Buffer())
@@ -107,8 +115,6 @@ class LakeSink:
                 for tp, buf in list(self._buffers.items()):
                     if buf.values and (buf.rows >= self.config.max_rows or now - buf.since >= self.config.max_age_s):
                         self._publish(tp)
-                if not self._consumer.assignment():
-                    last_message = now  # still joining the group: waiting for partitions is not idleness
                 idle = self.config.idle_exit_s
                 if idle is not None and not polled and now - last_message >= idle and not self._pending():
                     break
@@ -118,6 +124,7 @@ class LakeSink:
             self._consumer.close(autocommit=False)
             if self._producer is not None:
                 self._producer.close()
+            os.close(self._lock)
         return self.stats
 
     def _pending(self) -> bool:
@@ -157,35 +164,34 @@ class LakeSink:
         self._producer.flush()  # durable before the offsets that carried them are committed
         self.stats.dead_lettered += len(dead)
 
-    # -- rebalance -------------------------------------------------------------------------------
-    # kafka-python 3 runs rebalance callbacks on its IO thread, where blocking calls (committed(), commit)
-    # are not allowed; the listener only records what changed and the poll loop acts on it.
-    def _on_assigned(self, partitions: list[TopicPartition]) -> None:
-        """Before anything of a newly assigned partition is buffered: drop its uncommitted files."""
+    # -- start-up ---------------------------------------------------------------------------------
+    def _resume(self, partitions: list[TopicPartition]) -> None:
+        """Drop lake files past each partition's committed offset, then read on from that offset."""
         for tp in partitions:
-            committed = self._consumer.committed(tp) or 0
-            removed = lake.drop_uncommitted(self.config.lake, lake.TABLE_OF_TOPIC[tp.topic], tp.partition, committed)
+            committed = self._consumer.committed(tp)
+            removed = lake.drop_uncommitted(self.config.lake, lake.TABLE_OF_TOPIC[tp.topic], tp.partition,
+                                            committed or 0)
             if removed:
                 log.warning("removed %d lake file(s) of %s[%d] written past committed offset %d; "
-                            "they will be rewritten", len(removed), tp.topic, tp.partition, committed)
+                            "they will be rewritten", len(removed), tp.topic, tp.partition, committed or 0)
             self.stats.removed_uncommitted += len(removed)
+            if committed is None:
+                self._consumer.seek_to_beginning(tp)
+            else:
+                self._consumer.seek(tp, committed)
 
 
-class _Rebalance(ConsumerRebalanceListener):
-    def __init__(self) -> None:
-        self.assigned: list[TopicPartition] = []
-        self.revoked: list[TopicPartition] = []
-
-    def on_partitions_revoked(self, revoked):
-        self.revoked.extend(revoked)
-
-    def on_partitions_assigned(self, assigned):
-        self.assigned.extend(assigned)
-
-    def take(self) -> tuple[list[TopicPartition], list[TopicPartition]]:
-        assigned, self.assigned = self.assigned, []
-        revoked, self.revoked = self.revoked, []
-        return assigned, revoked
+def _lock_lake(root: Path, group_id: str) -> int:
+    """An exclusive lock on ``<lake>/.sink-<group>.lock`` for the sink's lifetime (released on any exit)."""
+    root.mkdir(parents=True, exist_ok=True)
+    fd = os.open(root / f".sink-{lake.safe_run_id(group_id)}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise UserError(f"another `adaptwin sink` with group {group_id!r} is already writing {root}; "
+                        f"stop it first (two would write the same offsets twice)") from None
+    return fd
 
 
 def _dead_letter(tp: TopicPartition, offset: int, reason: str, raw: bytes) -> dict:

@@ -12,6 +12,7 @@ import uuid
 import pytest
 
 from adaptwin import schemas
+from adaptwin.cliutil import UserError
 from adaptwin.config import TOPICS
 from adaptwin.ingest import catalog
 from adaptwin.ingest.sink import LakeSink, SinkConfig
@@ -75,21 +76,39 @@ def test_sigkill_at_random_moments_keeps_lake_exactly_once(bootstrap, tmp_path):
     n = 60_000
     rng = random.Random(7)
     cmd = [sys.executable, "-m", "adaptwin", "sink", "--bootstrap", bootstrap, "--lake", str(tmp_path),
-           "--topics", TOPICS.requests, "--group", f"g-{run_id}", "--max-age", "0.05",
-           "--instance-id", "sink-under-test"]
+           "--topics", TOPICS.requests, "--group", f"g-{run_id}", "--max-age", "0.05"]
     kills = 0
     # produce from a thread while the sink is killed and restarted
     t = threading.Thread(target=_produce, args=(bootstrap, run_id, n, 40))
     t.start()
+    rows_seen = 0
     while t.is_alive() or kills < 4:
         sink = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(rng.uniform(1.5, 3.0))  # python + kafka start-up, then some batches
+        # kill only once this sink is writing (start-up time varies with the machine's load)
+        deadline = time.monotonic() + 120
+        while _count(tmp_path, run_id)[0] <= rows_seen and time.monotonic() < deadline and rows_seen < n:
+            time.sleep(0.1)
+        time.sleep(rng.uniform(0.0, 0.4))
         os.kill(sink.pid, signal.SIGKILL)
         sink.wait()
         kills += 1
+        rows_seen = _count(tmp_path, run_id)[0]
     t.join()
-    assert 0 < _count(tmp_path, run_id)[0], "the killed sinks never got to write: the test did not test anything"
+    assert 0 < rows_seen, "the killed sinks never got to write: the test did not test anything"
     final = subprocess.run(cmd + ["--idle-exit", "3"], capture_output=True, text=True, timeout=180)
     assert final.returncode == 0, final.stderr
     assert _count(tmp_path, run_id) == (n, n), f"after {kills} kills"
     assert not list(tmp_path.rglob("*.tmp")), "temp files left behind in the lake"
+
+
+def test_second_sink_on_same_lake_and_group_is_refused(bootstrap, tmp_path):
+    first = LakeSink(SinkConfig(bootstrap, tmp_path, topics=(TOPICS.requests,), group_id="g-lock", idle_exit_s=0.5))
+    with pytest.raises(UserError, match="already writing"):
+        LakeSink(SinkConfig(bootstrap, tmp_path, topics=(TOPICS.requests,), group_id="g-lock"))
+    first.run()  # releases the lock
+    LakeSink(SinkConfig(bootstrap, tmp_path, topics=(TOPICS.requests,), group_id="g-lock", idle_exit_s=0.5)).run()
+
+
+def test_missing_topic_is_a_clear_error(bootstrap, tmp_path):
+    with pytest.raises(UserError, match="adaptwin topics create"):
+        LakeSink(SinkConfig(bootstrap, tmp_path, topics=("no.such.topic",), group_id="g-missing"))
