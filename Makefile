@@ -6,9 +6,9 @@ STAMP   := $(VENV)/.installed
 KAFKA   := deploy/kafka/kafka.sh
 PYTEST_ARGS ?=
 
-.PHONY: setup venv kafka-jars kafka-up kafka-down demo test soak bench clean
+.PHONY: setup venv kafka-jars system-deps kafka-up kafka-down demo test soak bench clean
 
-setup: venv kafka-jars
+setup: venv kafka-jars system-deps
 
 venv: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt
@@ -19,6 +19,12 @@ $(STAMP): pyproject.toml constraints.txt
 
 kafka-jars:
 	$(KAFKA) fetch
+
+# Debian's Chromium for the dashboard's browser test (Playwright drives it; no browser download).
+system-deps:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; \
+	  else echo "the browser tests need Debian's chromium: sudo apt-get install chromium" >&2; exit 1; fi; }
 
 kafka-up: kafka-jars
 	$(KAFKA) up
