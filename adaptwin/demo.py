@@ -49,10 +49,9 @@ def run(config: DemoConfig) -> str:
     run_id = f"demo-{time.strftime('%Y%m%dT%H%M%S')}"
     wait_for_broker(config.bootstrap, 60)
     ensure_topics(config.bootstrap)
-    batches = source.iter_batches(source.IngestConfig(
+    report = producer.produce(source.IngestConfig(
         trace=config.trace, adapters=config.adapters, popularity=config.popularity, ranks=config.ranks,
-        seed=config.seed, run_id=run_id, max_rows=config.limit), batch_size=5000)
-    report = producer.produce(batches, config.bootstrap, run_id)
+        seed=config.seed, run_id=run_id, max_rows=config.limit), config.bootstrap)
     print(f"ingest  {report.accepted:,} requests of {config.trace} → Kafka in {report.wall_s:.1f} s "
           f"({report.requests_per_s:,.0f} req/s), {report.dead_lettered} dead-lettered")
     t0 = time.perf_counter()

@@ -6,7 +6,6 @@ Only argparse and adaptwin's light modules are imported here; each handler impor
 from __future__ import annotations
 
 import argparse
-import itertools
 import re
 import sys
 
@@ -89,10 +88,8 @@ def _ingest(args: argparse.Namespace) -> int:
         adapters=args.adapters, popularity=args.popularity, ranks=tuple(args.ranks), seed=args.seed,
         run_id=run_id, max_rows=args.limit, loop=args.loop, start_s=args.start, duration_s=args.duration,
         rate_scale=args.rate_scale, lengths=args.lengths)
-    batches = source.iter_batches(ingest_config, batch_size=args.batch_size)
-    first = next(batches, None)  # a file that is not a trace fails here, before anything is sent
-    report = producer.produce(itertools.chain([first] if first else [], batches),
-                              config.bootstrap(args.bootstrap), run_id, speedup=args.speedup)
+    report = producer.produce(ingest_config, config.bootstrap(args.bootstrap), batch_size=args.batch_size,
+                              speedup=args.speedup)
     summary = report.as_dict()
     if args.json:
         print_json(summary)

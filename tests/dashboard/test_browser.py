@@ -1,0 +1,276 @@
+"""The real thing: ``adaptwin dashboard`` in headless Chromium (Debian's, driven by Playwright) on a lake
+written by the real pipeline, every page opened, visible numbers checked against DuckDB, screenshots
+saved to docs/screenshots/ (the README and docs/dashboard.md show them).
+
+The lake: ``adaptwin ingest`` (a slice of the shipped Azure conversation trace with three broken rows) and
+``adaptwin sink`` against the real broker give the ``requests`` and ``deadletter`` tables; telemetry,
+windows and recommendations are replayed from those very requests by tests/dashboard/lakedata.py until
+the replay engine and the learner exist.
+
+Needs /usr/bin/chromium (``apt-get install -y chromium``); skipped without it. No browser download.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from adaptwin.broker import free_port
+from adaptwin.ingest import catalog
+from adaptwin.ingest.readers.shipped import shipped_path
+
+lakedata = sys.modules["adaptwin_dashboard_tests_lakedata"]
+
+CHROMIUM = Path("/usr/bin/chromium")
+SHOTS = Path(__file__).resolve().parents[2] / "docs" / "screenshots"
+ADAPTWIN = [sys.executable, "-m", "adaptwin"]
+# a closed network: nothing but 127.0.0.1 resolves, no background services phone home
+CHROMIUM_ARGS = [
+    "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking",
+    "--disable-component-update", "--disable-sync", "--disable-default-apps", "--disable-extensions",
+    "--disable-domain-reliability", "--disable-client-side-phishing-detection", "--no-first-run",
+    "--no-default-browser-check", "--metrics-recording-only", "--disable-breakpad",
+    "--disable-features=Translate,OptimizationHints,MediaRouter,AutofillServerCommunication",
+    "--host-resolver-rules=MAP * ~NOTFOUND , EXCLUDE 127.0.0.1",
+]
+RUN = "dash-e2e"
+
+pytestmark = pytest.mark.skipif(not CHROMIUM.exists(),
+                                reason="needs Debian's chromium: apt-get install -y chromium")
+
+
+def _cli(*args: str, timeout: float = 180) -> str:
+    out = subprocess.run([*ADAPTWIN, *args], capture_output=True, text=True, timeout=timeout)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return out.stdout
+
+
+@pytest.fixture(scope="module")
+def pipeline_lake(kafka_broker, tmp_path_factory) -> tuple[Path, object]:
+    bootstrap = kafka_broker.bootstrap
+    work = tmp_path_factory.mktemp("dash-e2e")
+    lake = work / "lake"
+    lines = shipped_path("azure-conv").read_bytes().splitlines()[:401]  # header + 400 requests
+    lines[5] = lines[5].rsplit(b",", 1)[0] + b",abc"  # bad_type
+    lines[9] = lines[9].rsplit(b",", 1)[0] + b",-5"  # out_of_range
+    lines[13] = lines[13] + b",extra"  # unparsable
+    trace = work / "conv.csv"
+    trace.write_bytes(b"\n".join(lines) + b"\n")
+    _cli("ingest", "--trace", str(trace), "--format", "azure", "--adapters", "24", "--run-id", RUN,
+         "--bootstrap", bootstrap, "--json")
+    _cli("sink", "--group", f"dash-e2e-{os.getpid()}", "--idle-exit", "3", "--max-age", "0.5",
+         "--bootstrap", bootstrap, "--lake", str(lake), "--json")
+    requests = catalog.query(lake, f"select * exclude (date) from requests where run_id = '{RUN}'")
+    assert requests.num_rows == 397
+    sample = lakedata.write_sample_lake(lake, trace=lakedata.trace_from_requests(requests), run_prefix="e2e",
+                                        served=16, max_loras=4, window_s=10.0, deadletter=False)
+    return lake, sample
+
+
+@pytest.fixture(scope="module")
+def dashboard(pipeline_lake, kafka_broker):
+    lake, _ = pipeline_lake
+    port = free_port()
+    proc = subprocess.Popen(
+        [*ADAPTWIN, "dashboard", "--lake", str(lake), "--port", str(port), "--bootstrap", kafka_broker.bootstrap,
+         "--refresh", "2", "--cache-ttl", "1"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            assert proc.poll() is None, proc.stdout.read().decode(errors="replace")[-3000:]
+            assert time.monotonic() < deadline, "the dashboard did not answer /_stcore/health in 60 s"
+            time.sleep(0.3)
+        yield url, port
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
+        try:
+            yield b
+        finally:
+            b.close()
+
+
+@pytest.fixture
+def page(browser):
+    context = browser.new_context(viewport={"width": 1440, "height": 1900}, device_scale_factor=1)
+    pg = context.new_page()
+    pg.set_default_timeout(30_000)
+    yield pg
+    context.close()
+
+
+def _open(page, url: str, *selectors: str) -> None:
+    page.goto(url)
+    page.wait_for_selector('[data-testid="stMainBlockContainer"] h1')
+    for sel in selectors:
+        page.wait_for_selector(sel, state="visible")
+    _settle(page)
+
+
+def _settle(page) -> None:
+    """Wait until Streamlit is not running the script and charts have drawn."""
+    page.wait_for_function(
+        "() => !document.querySelector('[data-testid=\"stStatusWidget\"]')", timeout=30_000)
+    page.wait_for_timeout(400)
+
+
+def _metric(page, label: str) -> str:
+    box = page.locator('[data-testid="stMetric"]').filter(
+        has=page.locator('[data-testid="stMetricLabel"]', has_text=re.compile(f"^{re.escape(label)}$")))
+    return box.first.locator('[data-testid="stMetricValue"]').inner_text().strip()
+
+
+def _num(text: str) -> float:
+    return float(text.split()[0].replace(",", "").rstrip("%"))
+
+
+def _shot(page, name: str) -> None:
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
+
+
+def _q(lake: Path, sql: str) -> dict:
+    return catalog.query(lake, sql).to_pylist()[0]
+
+
+def test_every_page_in_chromium(dashboard, pipeline_lake, page):
+    url, _ = dashboard
+    lake, sample = pipeline_lake
+    charts = '[data-testid="stVegaLiteChart"]'
+
+    # Live: the newest run is selected; its numbers are DuckDB's; new windows appear without a reload
+    _open(page, f"{url}/",  # Live is the default page, served at /
+          '[data-testid="stMetric"]', charts)
+    run = sample.real_run  # written last, so the newest
+    want = _q(lake, f"select count(*) n, count(*) filter (where finished) f from telemetry where run_id = '{run}'")
+    assert _num(_metric(page, "Requests")) == want["n"] == 397
+    assert _num(_metric(page, "Finished")) == want["f"]
+    windows = _q(lake, f"select count(*) n from windows where run_id = '{run}' and scope = 'window'")["n"]
+    assert _num(_metric(page, "Windows")) == windows
+    _shot(page, "live")
+    extra = _later_windows(lake, run)
+    lakedata.write(lake, "windows", extra, run)
+    page.wait_for_function(  # the fragment reruns by itself every 2 s: no reload, no click
+        """n => [...document.querySelectorAll('[data-testid="stMetric"]')].some(m =>
+              m.innerText.startsWith('Windows') && m.innerText.includes(String(n)))""",
+        arg=windows + extra.num_rows, timeout=20_000)
+
+    # Adapters
+    _open(page, f"{url}/adapters", '[data-testid="stMetric"]', charts)
+    r, b = sample.real_run, "vllm"  # the newest series is picked by default
+    want = _q(lake, f"select count(distinct a.adapter_id) n, sum(a.offered_tokens) o from (select unnest(adapters) a "
+                    f"from windows where run_id = '{r}' and backend = '{b}' and scope = 'window')")
+    assert _num(_metric(page, "Adapters seen")) == want["n"]
+    assert _num(_metric(page, "Offered tokens")) == want["o"]
+    _shot(page, "adapters")
+
+    # Recommendations
+    _open(page, f"{url}/recommendations", '[data-testid="stMetric"]', charts)
+    want = _q(lake, f"select served s, max_loras m from recommendations where run_id = '{sample.twin_run}' "
+                    "and kind = 'recommendation' order by window_end desc limit 1")
+    assert _num(_metric(page, "Served adapters: recommended")) == want["s"]
+    assert _num(_metric(page, "max_loras: recommended")) == want["m"]
+    assert _num(_metric(page, "Served adapters: current")) == 16
+    _shot(page, "recommendations")
+
+    # Twin vs real
+    _open(page, f"{url}/twin-vs-real", '[data-testid="stMetric"]', charts, '[data-testid="stDataFrame"]')
+    pairs = catalog.query(lake, f"""select t.throughput tw, r.throughput re
+        from (select * from windows where run_id = '{sample.twin_run}' and scope = 'window') t
+        join (select * from windows where run_id = '{sample.real_run}' and scope = 'window') r
+        using (window_start, served, max_loras)""").to_pylist()
+    from adaptwin.dashboard.sql_common import half_smape_py
+
+    assert _num(_metric(page, "Matched windows")) == len(pairs)
+    assert _num(_metric(page, "Throughput half-sMAPE")) == pytest.approx(
+        half_smape_py([p["re"] for p in pairs], [p["tw"] for p in pairs]), abs=0.006)
+    _shot(page, "twin-vs-real")
+
+    # Pipeline: dead letters from the real ingest, lag of the real sink group
+    _open(page, f"{url}/pipeline", '[data-testid="stMetric"]', '[data-testid="stDataFrame"]')
+    dead = _q(lake, "select count(*) n from deadletter")["n"]
+    assert dead >= 3
+    assert _num(_metric(page, "Dead-lettered rows")) == dead
+    page.wait_for_selector("text=Consumer lag")
+    assert _num(_metric(page, "Files")) == sum(1 for _ in lake.glob("*/run_id=*/date=*/*.parquet"))
+    _shot(page, "pipeline")
+
+    # Query: an example runs and its row count is DuckDB's; writes and files outside the lake are refused
+    _open(page, f"{url}/query", "textarea")
+    sql = "SELECT adapter_id, count(*) AS requests FROM requests GROUP BY 1 ORDER BY 2 DESC"
+    _run_sql(page, sql)
+    page.wait_for_selector('[data-testid="stDataFrame"]')
+    n = len(catalog.query(lake, sql))
+    page.wait_for_selector(f"text=/^{n:,} rows/")
+    page.wait_for_selector(charts)
+    _settle(page)
+    _shot(page, "query")
+    for bad in ("COPY (SELECT 1) TO '/tmp/adaptwin-dash.csv'", "SELECT * FROM read_csv('/etc/passwd')"):
+        _run_sql(page, bad)
+        page.wait_for_selector('[data-testid="stAlertContentError"] >> text=/refused/')
+
+
+def _later_windows(lake: Path, run: str):
+    """Two more windows of ``run``, after its last one (what a running replay publishes next)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    end = _q(lake, f"select max(window_end) e from windows where run_id = '{run}' and scope = 'window'")["e"]
+    w = lakedata.simulate(lakedata.make_trace(60, 20.0, adapters=8, seed=3), run, "vllm", 16, 4).windows
+    w = w.filter(pc.equal(w["scope"], "window"))
+    for col in ("window_start", "window_end"):
+        w = w.set_column(w.schema.get_field_index(col), col, pc.add(w[col], pa.scalar(end)))
+    return w
+
+
+def _run_sql(page, sql: str) -> None:
+    area = page.locator("textarea")
+    area.fill(sql)
+    page.get_by_role("button", name="Run").click()
+    _settle(page)
+
+
+def test_dashboard_binds_loopback_only(dashboard):
+    _, port = dashboard
+    with socket.create_connection(("127.0.0.1", port), timeout=2):
+        pass
+    out = subprocess.run(["ss", "-ltnH", f"sport = :{port}"], capture_output=True, text=True)
+    if out.returncode == 0 and out.stdout.strip():
+        assert all(re.search(r"127\.0\.0\.1:%d\b" % port, line) for line in out.stdout.strip().splitlines()), out.stdout
+
+
+def test_screenshots_exist_for_every_page(dashboard):
+    # runs after test_every_page_in_chromium (same module, file order)
+    for name in ("live", "adapters", "recommendations", "twin-vs-real", "query", "pipeline"):
+        shot = SHOTS / f"{name}.png"
+        assert shot.exists() and shot.stat().st_size > 10_000, shot
