@@ -67,3 +67,26 @@ def test_schema_columns_types_survive(tmp_path):
     t = catalog.query(tmp_path, "select * from requests")
     for f in schemas.REQUEST:
         assert t.schema.field(f.name).type == f.type or (pa.types.is_integer(f.type) and pa.types.is_integer(t.schema.field(f.name).type))
+
+
+def test_query_cli_formats(tmp_path):
+    import csv
+    import io
+    import json
+    import subprocess
+    import sys
+
+    lake.write_atomic(_requests(5), lake.file_path(tmp_path, "requests", "run-a", dt.date.today(), 0, 0, 4))
+    sql = "select adapter_id, count(*) as n from requests group by 1 order by 1"
+
+    def run(*fmt):
+        out = subprocess.run([sys.executable, "-m", "adaptwin", "query", sql, "--lake", str(tmp_path), *fmt],
+                             capture_output=True, text=True, check=True)
+        return out.stdout
+
+    assert [json.loads(line) for line in run("--format", "json").splitlines()] == [
+        {"adapter_id": "lora-0", "n": 2}, {"adapter_id": "lora-1", "n": 2}, {"adapter_id": "lora-2", "n": 1}]
+    rows = list(csv.DictReader(io.StringIO(run("--format", "csv"))))
+    assert [(r["adapter_id"], int(r["n"])) for r in rows] == [("lora-0", 2), ("lora-1", 2), ("lora-2", 1)]
+    table = run()
+    assert table.splitlines()[0].split() == ["adapter_id", "n"] and "(3 rows)" in table
