@@ -1,0 +1,241 @@
+"""Twin fidelity against the paper's 294 real vLLM runs (scenarios_table1.csv), with leave-one-workload-out CV.
+
+    .venv/bin/python -m benchmarks.twin_fidelity [--jobs 2] [--fit] [--models llama,qwen] [--out DIR]
+
+Without ``--fit`` it simulates every real run with the shipped profiles and reports, per model, the textbook sMAPE
+of total throughput and mean ITL and the starvation-flag agreement.
+
+With ``--fit`` it also estimates the step-time terms the profiling runs cannot identify (the LoRA terms: per step,
+per decode token, per prefill token, per distinct adapter, per adapter x 1000 tokens, and the max-rank slope) from the real runs' own gauges
+(mean running requests, mean waiting, ITL) by least squares — no simulation inside the fit — and reports
+  * in-sample: every run simulated with terms fitted on all runs of its model;
+  * leave-one-workload-out (LOWO): every run simulated with terms fitted on the other three workloads
+    (rates x ranks) of its model, i.e. on data that never saw that workload.
+The all-runs terms are written to ``OUT/real_params.json`` (shipped as ``twin/real_params.json``);
+``adaptwin twin fit --real-params twin/real_params.json`` puts them in a profile.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+from adaptwin.twin.profile import load_profile
+
+SCENARIOS = Path(os.environ.get("ADAPTWIN_SHARED", "/work/shared")) / "data" / "validation"
+MODELS = {"llama": "llama-3.1-8b-instruct", "qwen": "qwen-2.5-7b-instruct"}
+POOL_PROMPT = {"llama-3.1-8b-instruct": 221.05, "qwen-2.5-7b-instruct": 219.60}
+POOL_TOTAL = {"llama-3.1-8b-instruct": 419.97, "qwen-2.5-7b-instruct": 422.47}
+RANK_SLOPES = [round(0.05 * i, 2) for i in range(0, 21)]
+
+
+def smape(y, p) -> float:
+    y, p = np.asarray(y, float), np.asarray(p, float)
+    return float(100 * np.mean(2 * np.abs(y - p) / (np.abs(y) + np.abs(p))))
+
+
+def read_runs() -> list[dict]:
+    with open(SCENARIOS / "scenarios_table1.csv", newline="") as f:
+        scen = list(csv.DictReader(f))
+    with open(SCENARIOS / "twin_validation_real.csv", newline="") as f:
+        real = {(r["model"], r["rates"], r["max_lora_rank"], r["max_loras"], r["max_cpu_loras"]): r
+                for r in csv.DictReader(f) if r["status"] == "ok"}
+    for s in scen:
+        g = real[(s["model"], s["rates"], s["max_lora_rank"], s["max_loras"], s["served_adapters"])]
+        s["_gauges"] = {k: float(g[k] or 0) for k in ("mean_num_running", "mean_num_waiting", "preemptions_total")}
+        s["workload"] = f"{s['rates']}|{s['ranks']}"
+    return scen
+
+
+def expected_adapters(rates: list[float], served: int, max_loras: int, n_running: float, waiting: float) -> float:
+    """Distinct adapters among ``n_running`` requests drawn by rate (capped at max_loras; at max_loras when the
+    queue is long and slots are scarce)."""
+    per = np.array([rates[k % len(rates)] for k in range(served)], float)
+    p = per / per.sum()
+    a = float(np.sum(1 - (1 - p) ** n_running))
+    if waiting > n_running and max_loras < served:
+        a = max(a, float(max_loras))
+    return min(a, float(max_loras), n_running) if n_running >= 1 else min(a, n_running)
+
+
+def design(runs: list[dict], prof) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per run: LoRA-term features [1, N, prefill tokens/step, A, A·tokens/1000], the LoRA part of the ITL (target),
+    log2 of max_lora_rank/8."""
+    st = prof.step
+    xs, ys, lr = [], [], []
+    for r in runs:
+        g = r["_gauges"]
+        n, w = g["mean_num_running"], g["mean_num_waiting"]
+        rates = [float(x) for x in r["rates"].split(";")]
+        served, ml, mlr = int(r["served_adapters"]), int(r["max_loras"]), int(r["max_lora_rank"])
+        itl_ms, dur = float(r["mean_itl_ms"]), float(r["duration_s"])
+        # prefill work per second: prompts of the requests served + recomputed preempted requests
+        pre_tok_s = (float(r["completed"]) * POOL_PROMPT[r["model"]]
+                     + g["preemptions_total"] * POOL_TOTAL[r["model"]]) / dur
+        p_step = pre_tok_s * itl_ms / 1000.0
+        a = expected_adapters(rates, served, ml, n, w)
+        skipped = w * max(0.0, 1 - ml / served) if ml < served else 0.0
+        known = (st.base_ms + st.decode_ms_per_seq * n + st.prefill_ms_per_token * p_step
+                 + prof.sched_base_ms + prof.sched_ms_per_running * n + prof.sched_ms_per_waiting_skipped * skipped)
+        xs.append((1.0, n, p_step, a, a * (n + p_step) / 1000.0)); ys.append(itl_ms - known); lr.append(math.log2(max(mlr, 8) / 8))
+    return np.array(xs), np.array(ys), np.array(lr)
+
+
+def fit_terms(runs: list[dict], prof) -> dict:
+    """Least squares (relative error, non-negative terms) over a grid of rank slopes."""
+    x, y, lr = design(runs, prof)
+    best = None
+    itl = np.array([float(r["mean_itl_ms"]) for r in runs])
+    wts = 1.0 / itl  # relative errors: light runs (15 ms) count as much as heavy ones (300 ms)
+    for slope in RANK_SLOPES:
+        xf = x * (1 + slope * lr)[:, None]
+        active = list(range(x.shape[1]))
+        while True:
+            coef, *_ = np.linalg.lstsq(xf[:, active] * wts[:, None], y * wts, rcond=None)
+            if (coef >= 0).all():
+                break
+            active.pop(int(np.argmin(coef)))
+        full = np.zeros(x.shape[1])
+        full[active] = coef
+        err = float(np.sum(((xf @ full - y) * wts) ** 2))
+        if best is None or err < best[0]:
+            best = (err, slope, full)
+    _, slope, c = best
+    return {"lora_base_ms": float(c[0]), "lora_ms_per_seq": float(c[1]), "lora_ms_per_prefill_token": float(c[2]),
+            "lora_ms_per_adapter": float(c[3]), "lora_ms_per_adapter_ktoken": float(c[4]),
+            "lora_rank_slope": float(slope)}
+
+
+def with_terms(prof, terms: dict):
+    return dataclasses.replace(prof, step=dataclasses.replace(prof.step, **terms))
+
+
+LIGHT = None  # set by --light-seeds: (max expected requests, seeds)
+
+
+def simulate_rows(rows: list[dict], profiles: list, jobs: int, seeds=(0,)) -> list[dict]:
+    """Simulate each row with its own profile (rows[i] with profiles[i])."""
+    from adaptwin.twin.validate import run_rows
+
+    out: list[dict] = [None] * len(rows)  # type: ignore[list-item]
+    groups: dict[int, list[int]] = {}
+    for i, p in enumerate(profiles):
+        groups.setdefault(id(p), []).append(i)
+    for idx in groups.values():
+        prof = profiles[idx[0]]
+        res = run_rows([rows[i] for i in idx], jobs=jobs, progress=False, seeds=list(seeds),
+                       profiles={prof.model: prof}, light_seeds=LIGHT)
+        for i, r in zip(idx, res):
+            out[i] = r
+    return out
+
+
+def report(rows, sims, label, out: Path | None = None) -> dict:
+    if out is not None:
+        with (out / f"rows_{label.replace(' ', '_')}.csv").open("w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["model", "rates", "ranks", "served_adapters", "max_loras", "max_lora_rank", "total_throughput",
+                        "sim_total_throughput", "mean_itl_ms", "sim_mean_itl_ms", "starved", "sim_starved",
+                        "ideal_total_throughput", "sim_ideal_total_throughput", "sim_wall_s", "sim_error"])
+            for r, s in zip(rows, sims):
+                w.writerow([r["model"], r["rates"], r["ranks"], r["served_adapters"], r["max_loras"], r["max_lora_rank"],
+                            r["total_throughput"], s["sim_total_throughput"], r["mean_itl_ms"], s["sim_mean_itl_ms"],
+                            r["starved"], s["sim_starved"], r["ideal_total_throughput"],
+                            s["sim_ideal_total_throughput"], s["sim_wall_s"], s["sim_error"]])
+    res = {}
+    for m in sorted({r["model"] for r in rows}):
+        idx = [i for i, r in enumerate(rows) if r["model"] == m and not sims[i]["sim_error"]]
+        y = [float(rows[i]["total_throughput"]) for i in idx]
+        p = [float(sims[i]["sim_total_throughput"]) for i in idx]
+        yi = [float(rows[i]["mean_itl_ms"]) for i in idx]
+        pi = [float(sims[i]["sim_mean_itl_ms"]) for i in idx]
+        agree = 100 * np.mean([int(rows[i]["starved"]) == int(sims[i]["sim_starved"]) for i in idx])
+        per_w = {}
+        for w in sorted({rows[i]["workload"] for i in idx}):
+            ii = [k for k, i in enumerate(idx) if rows[i]["workload"] == w]
+            per_w[w] = {"throughput_smape": round(smape([y[k] for k in ii], [p[k] for k in ii]), 2),
+                        "itl_smape": round(smape([yi[k] for k in ii], [pi[k] for k in ii]), 2)}
+        res[m] = {"runs": len(idx), "errors": sum(1 for i, r in enumerate(rows) if r["model"] == m and sims[i]["sim_error"]),
+                  "throughput_smape": round(smape(y, p), 2), "itl_smape": round(smape(yi, pi), 2),
+                  "starvation_agreement_pct": round(float(agree), 2), "by_workload": per_w,
+                  "sim_wall_s_mean": round(float(np.mean([float(sims[i]["sim_wall_s"]) for i in idx])), 3)}
+        print(f"[{label}] {m}: runs {len(idx)}  throughput sMAPE {res[m]['throughput_smape']:.2f} %  "
+              f"ITL sMAPE {res[m]['itl_smape']:.2f} %  starvation agreement {agree:.1f} %")
+        for w, e in per_w.items():
+            print(f"      {w:28s} thr {e['throughput_smape']:6.2f} %   itl {e['itl_smape']:6.2f} %")
+    return res
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument("--fit", action="store_true", help="fit the LoRA terms on the real runs and report LOWO CV")
+    ap.add_argument("--models", default="llama,qwen")
+    ap.add_argument("--seeds", default="0")
+    ap.add_argument("--out", default=".cache/twin_fidelity")
+    ap.add_argument("--skip-shipped", action="store_true", help="do not simulate with the shipped profiles")
+    ap.add_argument("--skip-insample", action="store_true", help="with --fit: only the cross-validated pass")
+    ap.add_argument("--light-seeds", default=None,
+                    help="N:S1,S2,..: runs with at most N expected requests average these seeds (Poisson noise)")
+    args = ap.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    global LIGHT
+    if args.light_seeds:
+        n, ss = args.light_seeds.split(":")
+        LIGHT = (float(n), [int(x) for x in ss.split(",")])
+        result_light = args.light_seeds
+    else:
+        result_light = None
+    models = [MODELS[m] for m in args.models.split(",")]
+    runs = [r for r in read_runs() if r["model"] in models]
+    result: dict = {"load_avg_before": os.getloadavg(), "seeds": seeds, "light_seeds": result_light}
+    t0 = time.time()
+    if not args.skip_shipped:
+        profs = [load_profile(r["model"]) for r in runs]
+        result["shipped"] = report(runs, simulate_rows(runs, profs, args.jobs, seeds), "shipped profile", out)
+    if args.fit:
+        params, insample_profs, cv_profs = {}, [None] * len(runs), [None] * len(runs)
+        result["folds"] = {}
+        for m in models:
+            base = load_profile(m)
+            base = with_terms(base, {"lora_ms_per_prefill_token": 0.0, "lora_rank_slope": 0.0,
+                                     "lora_ms_per_adapter_ktoken": 0.0})
+            mine = [r for r in runs if r["model"] == m]
+            terms = fit_terms(mine, base)
+            params[m] = terms
+            full = with_terms(base, terms)
+            for w in sorted({r["workload"] for r in mine}):
+                fold = fit_terms([r for r in mine if r["workload"] != w], base)
+                result["folds"][f"{m}|{w}"] = fold
+                fp = with_terms(base, fold)
+                for i, r in enumerate(runs):
+                    if r["model"] == m and r["workload"] == w:
+                        cv_profs[i] = fp
+            for i, r in enumerate(runs):
+                if r["model"] == m:
+                    insample_profs[i] = full
+        (out / "real_params.json").write_text(json.dumps(params, indent=1) + "\n")
+        result["real_params"] = params
+        print(json.dumps(params, indent=1))
+        result["lowo_cv"] = report(runs, simulate_rows(runs, cv_profs, args.jobs, seeds), "LOWO CV", out)
+        if not args.skip_insample:
+            result["in_sample"] = report(runs, simulate_rows(runs, insample_profs, args.jobs, seeds), "in-sample", out)
+    result["wall_s"] = round(time.time() - t0, 1)
+    result["load_avg_after"] = os.getloadavg()
+    (out / "twin_fidelity.json").write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wall {result['wall_s']} s; load average {result['load_avg_after']}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
