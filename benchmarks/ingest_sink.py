@@ -25,23 +25,23 @@ from adaptwin.ingest.sink import LakeSink, SinkConfig
 from adaptwin.kafka import ensure_topics, make_producer
 
 
-def _messages(config: source.IngestConfig) -> list[tuple[bytes, bytes]]:
+def _messages(config: source.IngestConfig, batch_size: int) -> list[tuple[bytes, bytes]]:
     """The (key, value) pairs the ingest sends for ``config``."""
-    return [m for piece in ingest_producer.encoded_slices(config, 5000, None) for m in piece.messages]
+    return [m for piece in ingest_producer.encoded_slices(config, batch_size, None) for m in piece.messages]
 
 
-def run(bootstrap: str, loops: int) -> dict:
+def run(bootstrap: str, loops: int, batch_size: int = 20_000) -> dict:
     ensure_topics(bootstrap)
     run_id = f"bench-{uuid.uuid4().hex[:6]}"
     config = source.IngestConfig(trace="azure-conv", adapters=64, run_id=run_id, loop=loops)
     t0 = time.perf_counter()
-    report = ingest_producer.produce(config, bootstrap, progress=False)
+    report = ingest_producer.produce(config, bootstrap, batch_size=batch_size, progress=False)
     ingest_s = time.perf_counter() - t0  # the whole call: worker start, reading, validating, sending, acks
     ingest_rps = report.accepted / ingest_s
     print(f"ingest : {report.accepted:,} requests, {report.messages:,} messages, {report.bytes / 1e6:.1f} MB "
           f"in {ingest_s:.2f} s = {ingest_rps:,.0f} req/s (target >= 50,000)")
 
-    messages = _messages(source.IngestConfig(trace="azure-conv", adapters=64, run_id=run_id + "-raw", loop=loops))
+    messages = _messages(source.IngestConfig(trace="azure-conv", adapters=64, run_id=run_id + "-raw", loop=loops), batch_size)
     raw = make_producer(bootstrap)
     t0 = time.perf_counter()
     for key, value in messages:
@@ -67,10 +67,11 @@ def run(bootstrap: str, loops: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--loops", type=int, default=10)
+    ap.add_argument("--batch-size", type=int, default=20_000)
     ap.add_argument("--bootstrap", default=None)
     args = ap.parse_args()
     if args.bootstrap:
-        run(args.bootstrap, args.loops)
+        run(args.bootstrap, args.loops, args.batch_size)
         return
     from adaptwin.broker import LocalBroker, free_port
 
@@ -78,7 +79,7 @@ def main() -> None:
                          data_dir=Path(tempfile.mkdtemp(prefix="adaptwin-bench-kafka-")))
     broker.start()
     try:
-        run(broker.bootstrap, args.loops)
+        run(broker.bootstrap, args.loops, args.batch_size)
     finally:
         broker.stop()
 

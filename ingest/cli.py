@@ -43,7 +43,7 @@ def register(sub: argparse._SubParsersAction, twin: argparse._SubParsersAction) 
     p.add_argument("--lengths", default="azure-conv",
                    help="ServeGen: shipped trace to draw token lengths from (default azure-conv)")
     p.add_argument("--loop", type=int, default=1, help="repeat the trace this many times (shifted in time)")
-    p.add_argument("--batch-size", type=int, default=5000, help="rows per validation batch")
+    p.add_argument("--batch-size", type=int, default=20_000, help="rows per validation batch")
     p.add_argument("--json", action="store_true", help="print the counts as one JSON line")
     add_kafka_args(p)
     add_lake_args(p)

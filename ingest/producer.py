@@ -29,6 +29,7 @@ from adaptwin.kafka import make_producer, wait_for_broker
 log = logging.getLogger(__name__)
 
 PACE_SLICE_S = 0.02  # trace seconds per paced slice: pacing error far below any replay window
+MAX_RECORDS_PER_MESSAGE = 2000  # ≈ 450 KB of requests, well under the broker's 1 MiB message limit
 
 
 @dataclass
@@ -78,7 +79,9 @@ def encoded_slices(config: IngestConfig, batch_size: int, slice_s: float | None)
             by_adapter: dict[str, list[dict]] = defaultdict(list)
             for r in run:
                 by_adapter[r["adapter_id"]].append(r)
-            messages = [(adapter.encode(), schemas.encode(recs)) for adapter, recs in by_adapter.items()]
+            messages = [(adapter.encode(), schemas.encode_requests(recs[i:i + MAX_RECORDS_PER_MESSAGE]))
+                        for adapter, recs in by_adapter.items()
+                        for i in range(0, len(recs), MAX_RECORDS_PER_MESSAGE)]
             yield Slice(run[0]["ts"], len(run), messages, dead if i == len(runs) - 1 else [])
         if not runs and dead:
             yield Slice(0.0, 0, [], dead)
@@ -135,7 +138,7 @@ class _Pacer:
             time.sleep(delay)
 
 
-def produce(config: IngestConfig, bootstrap: str, *, batch_size: int = 5000, speedup: float | None = None,
+def produce(config: IngestConfig, bootstrap: str, *, batch_size: int = 20_000, speedup: float | None = None,
             wait_s: float = 120.0, progress: bool = True, worker: bool = True) -> IngestReport:
     """Ingest ``config`` into Kafka; return the counts once the broker has acknowledged everything.
 

@@ -66,3 +66,9 @@ def test_window_with_per_adapter_list_round_trips():
     table, bad = schemas.decode_many([schemas.encode([win])], schemas.WINDOW)
     assert bad == []
     assert table.to_pylist()[0]["adapters"][0]["completed_tokens"] == 400
+
+
+def test_encode_requests_matches_the_generic_encoder():
+    recs = [dict(REQ, request_id=f'r"{i}\\', source="f\u00e9:1", ts=i / 3) for i in range(50)]
+    assert schemas.encode_requests(recs) == schemas.encode(recs)
+    assert schemas.decode(schemas.encode_requests(recs), schemas.REQUEST) == recs
