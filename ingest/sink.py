@@ -81,7 +81,10 @@ class LakeSink:
         self._lock = _lock_lake(config.lake, config.group_id)
         try:
             partitions = topic_partitions(config.bootstrap, config.topics)
-            self._consumer = make_consumer(config.bootstrap, config.group_id, max_partition_fetch_bytes=8 << 20)
+            # read_committed: a replay writes telemetry in transactions; an aborted one (a killed replay
+            # that is re-run) must not reach the lake.
+            self._consumer = make_consumer(config.bootstrap, config.group_id, max_partition_fetch_bytes=8 << 20,
+                                           isolation_level="read_committed")
             self._consumer.assign(partitions)
             self._resume(partitions)
         except BaseException:

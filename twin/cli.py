@@ -45,7 +45,6 @@ def register(sub, twin) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    import time
 
     from adaptwin.twin.config import ConfigError
     from adaptwin.twin.profile import ProfileError, load_profile
@@ -62,7 +61,6 @@ def _run(args: argparse.Namespace) -> int:
 
             arrivals, adapter_ranks, served = load_trace(args.trace, args.trace_format, served=args.served,
                                                          ranks=args.ranks or [8])
-            t0 = time.perf_counter()
             res = run_scenario(prof.model, args.rates or [0.0], args.ranks or [8], served, args.max_loras,
                                args.max_lora_rank, args.duration, args.seed, profile=prof, arrivals=arrivals,
                                adapter_ranks=adapter_ranks, window_s=args.window, **kw)

@@ -10,6 +10,9 @@ requests that are due, asks it to move on to a later trace time, and collects wh
     gauges = backend.gauges()         # running, waiting, KV usage, adapter loads so far
     done += backend.finish(end_ts)    # requests still in flight at the end: cancelled (unfinished)
 
+Optionally, ``backend.window_gauges(start, end) -> Gauges | None`` gives time-weighted means over a window (and
+the adapter loads inside it); the engine uses it when present, else the mean of its per-tick ``gauges()`` samples.
+
 A backend never drops a request silently: every submitted request comes back exactly once, finished,
 unfinished (still running at the end) or failed with a reason.
 """
@@ -28,6 +31,9 @@ class ServingConfig:
     max_loras: int  # --max-loras
     max_lora_rank: int  # --max-lora-rank
     model: str = "llama-3.1-8b-instruct"
+    # rank of adapter k (length ``served``), as the replay learnt it from the requests' ``adapter_rank``;
+    # empty: unknown. The twin needs it (load cost per adapter); a vLLM server has its own adapters.
+    adapter_ranks: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
