@@ -45,7 +45,6 @@ def register(sub, twin) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-
     from adaptwin.twin.config import ConfigError
     from adaptwin.twin.profile import ProfileError, load_profile
     from adaptwin.twin.runner import run_scenario
