@@ -1,6 +1,6 @@
 """Dashboard page render time on a 10 M-row telemetry lake: every page must render in ≤ 2 s (issue 8).
 
-    python -m benchmarks.dashboard_render [--rows 10000000] [--lake DIR] [--out benchmarks/RESULTS.dashboard.md]
+    python -m benchmarks.dashboard_render [--rows 10000000] [--lake DIR] [--out FILE]
 
 The lake: ``benchmarks.lakegen`` telemetry (4 runs, 10 M rows in 500 k-row files) plus, for each of those
 runs, windows from the twin and from a "real" backend (360 ten-second windows each, with per-adapter rows

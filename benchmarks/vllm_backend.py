@@ -7,7 +7,7 @@
 2. Agreement: at speedup 1 and 10, mean TTFT and ITL measured by the client (from the stream) against what the
    twin served (``GET /adaptwin/served``), per request id.
 
-    python benchmarks/vllm_backend.py [--rates 250,500,750,1000] [--seconds 5] [--json OUT] [--md benchmarks/RESULTS.serve.md]
+    python benchmarks/vllm_backend.py [--rates 250,500,750,1000] [--seconds 5] [--json OUT] [--md FILE]
 """
 
 from __future__ import annotations
