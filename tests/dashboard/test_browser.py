@@ -1,11 +1,13 @@
 """The real thing: ``adaptwin dashboard`` in headless Chromium (Debian's, driven by Playwright) on a lake
-written by the real pipeline, every page opened, visible numbers checked against DuckDB, screenshots
+written by a short real replay, every page opened, visible numbers checked against DuckDB, screenshots
 saved to docs/screenshots/ (the README and docs/dashboard.md show them).
 
-The lake: ``adaptwin ingest`` (a slice of the shipped Azure conversation trace with three broken rows) and
-``adaptwin sink`` against the real broker give the ``requests`` and ``deadletter`` tables; telemetry,
-windows and recommendations are replayed from those very requests by tests/dashboard/lakedata.py until
-the replay engine and the learner exist.
+The lake, all through the real broker: ``adaptwin ingest`` of the first five minutes of the shipped Azure
+conversation trace (three deliberately broken rows, dead-lettered) → ``adaptwin replay --backend twin`` (16
+served adapters, max_loras 4) and ``adaptwin replay --backend vllm`` against ``adaptwin twin serve`` (vLLM's
+API in scaled wall time; the first two trace minutes) → ``adaptwin sink`` (read_committed). Only the
+``recommendations`` table is generated (tests/dashboard/lakedata.py, from the twin replay's windows): the
+streaming learner that will write it does not exist yet.
 
 Needs /usr/bin/chromium (``apt-get install -y chromium``); skipped without it. No browser download.
 """
@@ -21,10 +23,13 @@ import subprocess
 import sys
 import time
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 
+import pyarrow as pa
 import pytest
 
+from adaptwin import schemas
 from adaptwin.broker import free_port
 from adaptwin.ingest import catalog
 from adaptwin.ingest.readers.shipped import shipped_path
@@ -43,10 +48,27 @@ CHROMIUM_ARGS = [
     "--disable-features=Translate,OptimizationHints,MediaRouter,AutofillServerCommunication",
     "--host-resolver-rules=MAP * ~NOTFOUND , EXCLUDE 127.0.0.1",
 ]
-RUN = "dash-e2e"
+RUN = "dash-e2e"  # the ingest run
+TWIN_RUN, REAL_RUN = "dash-e2e-twin", "dash-e2e-vllm"
+TRACE_S = 300  # trace seconds ingested and replayed on the twin
+REAL_S = 120  # trace seconds replayed on twin serve (wall time = REAL_S / SPEEDUP)
+SPEEDUP = 10
+MODEL = "llama-3.1-8b-instruct"  # the replay's default model
 
 pytestmark = pytest.mark.skipif(not CHROMIUM.exists(),
                                 reason="needs Debian's chromium: apt-get install -y chromium")
+
+
+@dataclass
+class Sample:
+    requests: int  # requests of the ingest run in the lake
+    twin: dict  # the replays' --json summaries
+    real: dict
+    held_windows: pa.Table  # the real replay's last two windows, published during the test
+
+
+def _json(stdout: str) -> dict:
+    return json.loads(stdout.strip().splitlines()[-1])
 
 
 def _cli(*args: str, timeout: float = 180) -> str:
@@ -56,25 +78,58 @@ def _cli(*args: str, timeout: float = 180) -> str:
 
 
 @pytest.fixture(scope="module")
-def pipeline_lake(kafka_broker, tmp_path_factory) -> tuple[Path, object]:
+def pipeline_lake(kafka_broker, tmp_path_factory) -> tuple[Path, Sample]:
     bootstrap = kafka_broker.bootstrap
     work = tmp_path_factory.mktemp("dash-e2e")
     lake = work / "lake"
-    lines = shipped_path("azure-conv").read_bytes().splitlines()[:401]  # header + 400 requests
+    lines = shipped_path("azure-conv").read_bytes().splitlines()
     lines[5] = lines[5].rsplit(b",", 1)[0] + b",abc"  # bad_type
     lines[9] = lines[9].rsplit(b",", 1)[0] + b",-5"  # out_of_range
     lines[13] = lines[13] + b",extra"  # unparsable
     trace = work / "conv.csv"
     trace.write_bytes(b"\n".join(lines) + b"\n")
-    _cli("ingest", "--trace", str(trace), "--format", "azure", "--adapters", "24", "--run-id", RUN,
-         "--bootstrap", bootstrap, "--json")
+    ing = _json(_cli("ingest", "--trace", str(trace), "--format", "azure", "--adapters", "24", "--duration",
+                     str(TRACE_S), "--run-id", RUN, "--bootstrap", bootstrap, "--json"))
+    common = ["--run-id-in", RUN, "--served", "16", "--max-loras", "4", "--window", "10", "--bootstrap", bootstrap,
+              "--json", "--no-progress"]
+    twin = _json(_cli("replay", *common, "--backend", "twin", "--model", MODEL, "--run-id", TWIN_RUN))
+    # the "real" server: twin serve behind vLLM's API, driven by the vllm backend over HTTP in scaled wall time
+    serve = subprocess.Popen([*ADAPTWIN, "twin", "serve", "--model", MODEL, "--port", "0", "--max-cpu-loras", "16",
+                              "--max-loras", "4",
+                              "--speedup", str(SPEEDUP)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                             text=True, start_new_session=True)
+    try:
+        first = serve.stdout.readline()
+        url = re.search(r"http://127\.0\.0\.1:\d+", first)
+        assert url, first
+        real = _json(_cli("replay", *common, "--backend", "vllm", "--url", url.group(0), "--speedup", str(SPEEDUP),
+                          "--duration", str(REAL_S), "--run-id", REAL_RUN, timeout=300))
+    finally:
+        os.killpg(serve.pid, signal.SIGTERM)
+        serve.wait(timeout=15)
     _cli("sink", "--group", f"dash-e2e-{os.getpid()}", "--idle-exit", "3", "--max-age", "0.5",
          "--bootstrap", bootstrap, "--lake", str(lake), "--json")
-    requests = catalog.query(lake, f"select * exclude (date) from requests where run_id = '{RUN}'")
-    assert requests.num_rows == 397
-    sample = lakedata.write_sample_lake(lake, trace=lakedata.trace_from_requests(requests), run_prefix="e2e",
-                                        served=16, max_loras=4, window_s=10.0, deadletter=False)
-    return lake, sample
+    n = _q(lake, f"select count(*) n from requests where run_id = '{RUN}'")["n"]
+    assert n == ing["accepted"] > 1000 and ing["dead_lettered"] == 3, ing
+    assert _q(lake, f"select count(*) n from telemetry where run_id = '{TWIN_RUN}'")["n"] == twin["telemetry"] == n
+    assert _q(lake, f"select count(*) n from telemetry where run_id = '{REAL_RUN}'")["n"] == real["telemetry"]
+    # the one table no real part writes yet: the streaming learner does not exist, so its recommendations are
+    # generated from the twin replay's real windows
+    windows = catalog.query(lake, f"select * from windows where run_id = '{TWIN_RUN}'")
+    lakedata.write(lake, "recommendations", lakedata.recommendations(windows, seed=0), TWIN_RUN)
+    # the real replay's last two windows are held back and published while the Live page is open (what a
+    # running replay does next); the rest of its windows are republished as they were, last, so the real run's
+    # files are the newest and Live and Adapters select it by default
+    windows = catalog.query(lake, f"select * from windows where run_id = '{REAL_RUN}' order by window_end")
+    windows = windows.select(schemas.WINDOW.names).cast(schemas.WINDOW)
+    scope = windows["scope"].to_pylist()
+    held = [i for i, sc in enumerate(scope) if sc == "window"][-2:]
+    for f in lake.glob(f"windows/run_id={REAL_RUN}/date=*/*.parquet"):
+        f.unlink()
+    lakedata.write(lake, "windows", windows.take([i for i in range(len(scope)) if i not in held]), REAL_RUN)
+    for f in sorted(lake.glob(f"*/run_id={REAL_RUN}/date=*/*.parquet")):
+        os.utime(f)
+    return lake, Sample(n, twin, real, windows.take(held))
 
 
 @pytest.fixture(scope="module")
@@ -171,14 +226,14 @@ def test_every_page_in_chromium(dashboard, pipeline_lake, page):
     # Live: the newest run is selected; its numbers are DuckDB's; new windows appear without a reload
     _open(page, f"{url}/",  # Live is the default page, served at /
           '[data-testid="stMetric"]', charts)
-    run = sample.real_run  # written last, so the newest
+    run = REAL_RUN  # written last, so the newest
     want = _q(lake, f"select count(*) n, count(*) filter (where finished) f from telemetry where run_id = '{run}'")
-    assert _num(_metric(page, "Requests")) == want["n"] == 397
+    assert _num(_metric(page, "Requests")) == want["n"] == sample.real["telemetry"]
     assert _num(_metric(page, "Finished")) == want["f"]
     windows = _q(lake, f"select count(*) n from windows where run_id = '{run}' and scope = 'window'")["n"]
     assert _num(_metric(page, "Windows")) == windows
     _shot(page, "live")
-    extra = _later_windows(lake, run)
+    extra = sample.held_windows
     lakedata.write(lake, "windows", extra, run)
     page.wait_for_function(  # the fragment reruns by itself every 2 s: no reload, no click
         """n => [...document.querySelectorAll('[data-testid="stMetric"]')].some(m =>
@@ -187,7 +242,7 @@ def test_every_page_in_chromium(dashboard, pipeline_lake, page):
 
     # Adapters
     _open(page, f"{url}/adapters", '[data-testid="stMetric"]', charts)
-    r, b = sample.real_run, "vllm"  # the newest series is picked by default
+    r, b = REAL_RUN, "vllm"  # the newest series is picked by default
     want = _q(lake, f"select count(distinct a.adapter_id) n, sum(a.offered_tokens) o from (select unnest(adapters) a "
                     f"from windows where run_id = '{r}' and backend = '{b}' and scope = 'window')")
     assert _num(_metric(page, "Adapters seen")) == want["n"]
@@ -196,7 +251,7 @@ def test_every_page_in_chromium(dashboard, pipeline_lake, page):
 
     # Recommendations
     _open(page, f"{url}/recommendations", '[data-testid="stMetric"]', charts)
-    want = _q(lake, f"select served s, max_loras m from recommendations where run_id = '{sample.twin_run}' "
+    want = _q(lake, f"select served s, max_loras m from recommendations where run_id = '{TWIN_RUN}' "
                     "and kind = 'recommendation' order by window_end desc limit 1")
     assert _num(_metric(page, "Served adapters: recommended")) == want["s"]
     assert _num(_metric(page, "max_loras: recommended")) == want["m"]
@@ -206,8 +261,8 @@ def test_every_page_in_chromium(dashboard, pipeline_lake, page):
     # Twin vs real
     _open(page, f"{url}/twin-vs-real", '[data-testid="stMetric"]', charts, '[data-testid="stDataFrame"]')
     pairs = catalog.query(lake, f"""select t.throughput tw, r.throughput re
-        from (select * from windows where run_id = '{sample.twin_run}' and scope = 'window') t
-        join (select * from windows where run_id = '{sample.real_run}' and scope = 'window') r
+        from (select * from windows where run_id = '{TWIN_RUN}' and scope = 'window') t
+        join (select * from windows where run_id = '{REAL_RUN}' and scope = 'window') r
         using (window_start, served, max_loras)""").to_pylist()
     from adaptwin.dashboard.sql_common import half_smape_py
 
@@ -238,19 +293,6 @@ def test_every_page_in_chromium(dashboard, pipeline_lake, page):
     for bad in ("COPY (SELECT 1) TO '/tmp/adaptwin-dash.csv'", "SELECT * FROM read_csv('/etc/passwd')"):
         _run_sql(page, bad)
         page.wait_for_selector('[data-testid="stAlertContentError"] >> text=/refused/')
-
-
-def _later_windows(lake: Path, run: str):
-    """Two more windows of ``run``, after its last one (what a running replay publishes next)."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    end = _q(lake, f"select max(window_end) e from windows where run_id = '{run}' and scope = 'window'")["e"]
-    w = lakedata.simulate(lakedata.make_trace(60, 20.0, adapters=8, seed=3), run, "vllm", 16, 4).windows
-    w = w.filter(pc.equal(w["scope"], "window"))
-    for col in ("window_start", "window_end"):
-        w = w.set_column(w.schema.get_field_index(col), col, pc.add(w[col], pa.scalar(end)))
-    return w
 
 
 def _run_sql(page, sql: str) -> None:

@@ -207,18 +207,8 @@ def test_speedup_scales_twin_time():
 
 
 def _serve_cmd() -> list[str]:
-    """`adaptwin twin serve` once replay/cli.py registers it; until then the same parser through a shim."""
-    from adaptwin import cli
-
-    try:
-        cli.build_parser().parse_args(["twin", "serve", "--help"])
-    except SystemExit as e:
-        if e.code == 0:
-            return [sys.executable, "-m", "adaptwin"]
-    shim = ("import argparse,sys; from adaptwin.replay.serve_cli import register_serve; "
-            "p=argparse.ArgumentParser(); t=p.add_subparsers().add_parser('twin').add_subparsers(); "
-            "register_serve(t); a=p.parse_args(sys.argv[1:]); sys.exit(a.func(a))")
-    return [sys.executable, "-c", shim]
+    """`adaptwin twin serve` as a process."""
+    return [sys.executable, "-m", "adaptwin"]
 
 
 def test_cli_serves_on_a_free_port_and_stops_on_sigterm():
