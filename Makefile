@@ -35,8 +35,9 @@ kafka-down:
 demo: setup kafka-up
 	$(BIN)/adaptwin demo
 
-test: setup
-	$(BIN)/pytest -m "not soak and not vllm" $(PYTEST_ARGS)
+# The whole suite, the real-vLLM tests included (they need .venv-vllm: about 4 min the first time).
+test: setup vllm-setup
+	ADAPTWIN_REQUIRE_VLLM=1 $(BIN)/pytest -m "not soak" $(PYTEST_ARGS)
 
 # A real vLLM (CPU build) serving a tiny local model with LoRA adapters, in its own .venv-vllm (docs/vllm-cpu.md).
 vllm-setup:
