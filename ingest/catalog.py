@@ -37,7 +37,7 @@ def connect(root: Path | str) -> duckdb.DuckDBPyConnection:
             glob = (root / name / "run_id=*" / "date=*" / "*.parquet").as_posix().replace("'", "''")
             con.execute(
                 f"CREATE VIEW {name} AS SELECT * FROM read_parquet('{glob}', hive_partitioning=true, "
-                f"union_by_name=true, hive_types={{'run_id': VARCHAR, 'date': DATE}})")
+                f"hive_types={{'run_id': VARCHAR, 'date': DATE}})")
         else:
             _empty_view(con, name, schema)
     lake_dir = root.as_posix().rstrip("/").replace("'", "''") + "/"
