@@ -1,5 +1,9 @@
-"""Live: throughput, offered vs completed tokens, TTFT/ITL percentiles, running/waiting and KV usage over
-trace time, per run and backend. The body is a fragment that reruns every few seconds on its own."""
+"""Live: throughput, offered vs completed tokens, TTFT/ITL, running/waiting and KV usage over trace time, per
+run and backend. The body is a fragment that reruns every few seconds on its own.
+
+Telemetry is scanned once per refresh (whole-run totals and exact p50/p99); the latency charts show the
+per-window means the WINDOW records carry, and per-bucket percentiles (a second full scan, the costlier part
+of the page on a large run) only when the toggle asks for them."""
 
 from __future__ import annotations
 
@@ -33,9 +37,15 @@ def _body(s: settings.Settings) -> None:
         if not chosen:
             st.info("Pick one or more runs.")
             return
+        percentiles = st.toggle(
+            "TTFT / ITL percentiles per time bucket", key="live_percentiles",
+            help="Off: the latency charts show the per-window means the replay wrote into `windows` (no extra "
+                 "scan). On: p50/p90/p99 per time bucket computed from every telemetry row of the runs "
+                 "(one more full scan of their telemetry on every refresh).")
         windows = data.frame(s.lake, sql_live.WINDOWS, [chosen])
         totals = data.frame(s.lake, sql_live.TOTALS, [chosen])
-        latency = data.frame(s.lake, sql_live.LATENCY, [chosen, MIN_BUCKET_S, LATENCY_BUCKETS])
+        latency = data.frame(s.lake, sql_live.LATENCY, [chosen, MIN_BUCKET_S, LATENCY_BUCKETS]) \
+            if percentiles else None
         _metrics(series[series["run_id"].isin(chosen)].head(MAX_SERIES), windows, totals)
         _charts(windows, latency, s)
 
@@ -66,7 +76,7 @@ def _p50(tot, col: str) -> str:
     return "" if tot is None or pd.isna(tot[f"{col}_p50"]) else f"; p50 {tot[f'{col}_p50']:,.2f} ms"
 
 
-def _charts(windows: pd.DataFrame, latency: pd.DataFrame, s: settings.Settings) -> None:
+def _charts(windows: pd.DataFrame, latency: pd.DataFrame | None, s: settings.Settings) -> None:
     left, right = st.columns(2)
     with left:
         if windows.empty:
@@ -82,6 +92,17 @@ def _charts(windows: pd.DataFrame, latency: pd.DataFrame, s: settings.Settings) 
                                      title="Offered vs completed tokens per window", y_title="tokens"))
             charts.show(charts.lines(windows.assign(kv_usage_pct=100 * windows["kv_usage"]), "window_end",
                                      "kv_usage_pct", "series", title="KV cache usage", y_title="%"))
+    if latency is None:  # the per-window means of the WINDOW records: no telemetry scan
+        if windows.empty:
+            return
+        left, right = st.columns(2)
+        with left:
+            charts.show(charts.lines(windows, "window_end", "mean_ttft_ms", "series",
+                                     title="Mean TTFT per window (requests finished in it)", y_title="ms"))
+        with right:
+            charts.show(charts.lines(windows, "window_end", "mean_itl_ms", "series",
+                                     title="Mean ITL per window (token-weighted)", y_title="ms"))
+        return
     if latency.empty:
         ui.empty("telemetry", s.lake, "telemetry for these runs")
         return

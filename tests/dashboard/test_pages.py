@@ -119,6 +119,20 @@ def test_live_picks_several_runs(page_app, sample_lake):
     assert [m.label for m in at.metric].count("Requests") == 2
 
 
+def test_live_latency_charts_means_by_default_percentiles_on_request(page_app, sample_lake):
+    lake, _ = sample_lake
+    at = page_app("page_live", lake).run()
+
+    def titles():
+        return [c.proto.spec for c in at.get("arrow_vega_lite_chart")]
+
+    assert any("Mean TTFT per window" in t for t in titles()) and not any("TTFT percentiles" in t for t in titles())
+    at.toggle(key="live_percentiles").set_value(True).run()
+    assert not at.exception and not at.error
+    assert any("TTFT percentiles" in t for t in titles()) and any("ITL percentiles" in t for t in titles())
+    assert not any("Mean TTFT per window" in t for t in titles())
+
+
 def test_adapters_numbers_match_duckdb(page_app, sample_lake):
     lake, _ = sample_lake
     at = page_app("page_adapters", lake).run()
