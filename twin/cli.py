@@ -7,11 +7,13 @@ import logging
 import sys
 
 from adaptwin.cliutil import UserError, float_list, int_list, print_json
+from adaptwin.twin.recommend_cli import register_recommend
 
 log = logging.getLogger("adaptwin.twin.cli")
 
 
 def register(sub, twin) -> None:
+    register_recommend(sub)
     run = twin.add_parser("run", help="simulate one vLLM server configuration")
     run.add_argument("--model", required=True, help="llama-3.1-8b-instruct | qwen-2.5-7b-instruct | a --profile's model")
     run.add_argument("--rates", type=float_list, help="per-adapter-group Poisson rates (req/s), e.g. 0.1,0.05,0.025")

@@ -1,0 +1,85 @@
+"""``adaptwin recommend`` (DESIGN.md §CLI contract): the best (served adapters, max_loras) for a workload, by the twin.
+Heavy imports happen when the command runs."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from adaptwin.cliutil import UserError, float_list, int_list, print_json
+
+__all__ = ["register_recommend"]
+
+
+def register_recommend(sub) -> None:
+    rec = sub.add_parser("recommend", help="recommend served adapters and max_loras for a workload (twin)")
+    rec.add_argument("--model", required=True,
+                     help="llama-3.1-8b-instruct | qwen-2.5-7b-instruct | a --profile's model")
+    rec.add_argument("--rates", type=float_list, required=True,
+                     help="per-adapter-group Poisson rates (req/s), round-robin over the served adapters")
+    rec.add_argument("--ranks", type=int_list, required=True, help="per-adapter-group LoRA ranks, e.g. 8,16,32")
+    rec.add_argument("--grid", type=int_list, default=None,
+                     help="values both knobs may take (max_loras <= served), e.g. the paper's "
+                          "16,32,64,96,128,160,192,256,320,384; default: every integer 1..--max-served")
+    rec.add_argument("--max-served", type=int, default=384,
+                     help="largest served-adapter count without --grid (default 384, the paper's)")
+    rec.add_argument("--max-lora-rank", type=int, default=None, help="vLLM --max-lora-rank (default max rank)")
+    rec.add_argument("--duration", type=float, default=3600.0, help="simulated window per run, s (default 3600)")
+    rec.add_argument("--seeds", type=int, default=1,
+                     help="arrival processes per configuration (seeds 0..N-1; default 1); with N > 1 ties within "
+                          "noise go to the configuration with more margin to starvation")
+    rec.add_argument("--exhaustive", action="store_true", help="simulate every grid point (default: bisection)")
+    rec.add_argument("--top", type=int, default=5, help="runners-up to show (default 5)")
+    rec.add_argument("--profile", default=None, help="profile JSON (default: the shipped one for --model)")
+    rec.add_argument("--json", action="store_true", help="print the recommendation as one JSON line")
+    rec.set_defaults(func=_recommend)
+
+
+def _recommend(args: argparse.Namespace) -> int:
+    from adaptwin.twin.config import ConfigError
+    from adaptwin.twin.profile import ProfileError, load_profile
+    from adaptwin.twin.search import Workload, search
+
+    if args.seeds < 1:
+        raise UserError(f"--seeds must be >= 1, got {args.seeds}")
+    if args.grid is not None and not args.grid:
+        raise UserError("--grid is empty: give at least one value, e.g. --grid 16,32,64")
+    bar = None
+    try:
+        prof = load_profile(args.model, path=args.profile)
+        wl = Workload(prof.model, tuple(args.rates), tuple(args.ranks), duration=args.duration,
+                      seeds=tuple(range(args.seeds)), max_lora_rank=args.max_lora_rank)
+        from tqdm import tqdm
+
+        bar = tqdm(desc="recommend", unit="run", file=sys.stderr)
+        rec = search(wl, grid=args.grid, exhaustive=args.exhaustive, max_served=args.max_served, profile=prof,
+                     on_run=lambda s, g: (bar.set_postfix_str(f"served {s} max_loras {g}", refresh=False),
+                                          bar.update(1)))
+    except (ConfigError, ProfileError) as err:
+        raise UserError(str(err)) from None
+    finally:
+        if bar is not None:
+            bar.close()
+    out = rec.summary(top=args.top)
+    for note in rec.notes:
+        print(f"adaptwin recommend: {note}", file=sys.stderr)
+    if args.json:
+        print_json(out)
+        return 0
+    b = rec.best
+    state = "STARVES (every candidate starves; least-starved shown)" if rec.all_starve else "does not starve"
+    print(f"recommend: --max-cpu-loras {b.served} --max-loras {b.max_loras}   ({state})")
+    print(f"  predicted throughput  {b.total_throughput:.1f} tok/s of {b.ideal_total_throughput:.1f} offered"
+          + (f" (± {b.throughput_std:.1f} over {b.seeds} seeds)" if b.seeds > 1 else ""))
+    print(f"  margin to starvation  {b.margin * 100:+.2f} % of offered tokens (starved at >= 10 % unfinished)"
+          + (f"; starves from {b.served + rec.headroom} served adapters" if rec.headroom is not None else ""))
+    if out["unstartable_max_loras"]:
+        print(f"  vLLM cannot start     max_loras {out['unstartable_max_loras']} at max_lora_rank {wl.max_lora_rank}")
+    if out["runners_up"]:
+        print("  runners-up (best per max_loras):")
+        print(f"    {'served':>6} {'max_loras':>9} {'tok/s':>10} {'starvation':>10} {'starved':>7}")
+        for r in out["runners_up"]:
+            print(f"    {r['served']:>6} {r['max_loras']:>9} {r['total_throughput']:>10.1f} "
+                  f"{r['starvation_ratio']:>10.3f} {r['starved']:>7}")
+    print(f"  method {rec.method}: {rec.runs} twin runs, {rec.configs} configurations, {rec.wall_s:.1f} s")
+    return 0
