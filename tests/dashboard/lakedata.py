@@ -1,8 +1,10 @@
 """Realistic lake data for the dashboard's tests and benchmark, written through ``ingest/lake.py``.
 
-Replay and the learner are not built yet, so this module plays their part: it replays a trace (generated,
-or the real ``requests`` rows a real ingest + sink wrote) through a small fluid-queue model of a vLLM
-server and writes what they will write, with exactly the schemas of ``adaptwin/schemas.py``:
+Fast, seeded stand-ins for the replay and the learner, for the AppTest page tests and the render
+benchmark (the browser test uses the real ``adaptwin replay`` and takes only ``recommendations`` from here,
+because the streaming learner does not exist yet). It replays a trace (generated, or ``requests`` rows read
+back from a lake) through a small fluid-queue model of a vLLM server and writes what replay and learner
+write, with exactly the schemas of ``adaptwin/schemas.py``:
 
 - ``telemetry``: one row per request (TTFT grows with the queue, cold adapters pay a load, a few errors);
 - ``windows``: per window aggregates computed *from that telemetry* (so the pages' numbers can be checked

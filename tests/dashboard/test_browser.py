@@ -5,7 +5,7 @@ saved to docs/screenshots/ (the README and docs/dashboard.md show them).
 The lake, all through the real broker: ``adaptwin ingest`` of the first five minutes of the shipped Azure
 conversation trace (three deliberately broken rows, dead-lettered) → ``adaptwin replay --backend twin`` (16
 served adapters, max_loras 4) and ``adaptwin replay --backend vllm`` against ``adaptwin twin serve`` (vLLM's
-API in scaled wall time; the first two trace minutes) → ``adaptwin sink`` (read_committed). Only the
+API in scaled wall time) → ``adaptwin sink`` (read_committed). Only the
 ``recommendations`` table is generated (tests/dashboard/lakedata.py, from the twin replay's windows): the
 streaming learner that will write it does not exist yet.
 
@@ -51,7 +51,7 @@ CHROMIUM_ARGS = [
 RUN = "dash-e2e"  # the ingest run
 TWIN_RUN, REAL_RUN = "dash-e2e-twin", "dash-e2e-vllm"
 TRACE_S = 300  # trace seconds ingested and replayed on the twin
-REAL_S = 120  # trace seconds replayed on twin serve (wall time = REAL_S / SPEEDUP)
+REAL_S = TRACE_S  # trace seconds replayed on twin serve (wall time = REAL_S / SPEEDUP)
 SPEEDUP = 10
 MODEL = "llama-3.1-8b-instruct"  # the replay's default model
 
