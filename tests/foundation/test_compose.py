@@ -54,3 +54,13 @@ def test_dockerfile_copies_every_part():
     text = (ROOT / "Dockerfile").read_text()
     for part in ("adaptwin", "ingest", "twin", "replay", "learner", "dashboard", "profiler"):
         assert f"COPY {part} {part}" in text
+
+
+def test_optional_vllm_service_is_gpu_profiled_with_lora_flags():
+    vllm = SERVICES["vllm"]
+    assert vllm["profiles"] == ["gpu"] and vllm["image"].startswith("vllm/vllm-openai")
+    flags = vllm["command"]
+    for flag in ("--enable-lora", "--max-loras", "--max-cpu-loras", "--max-lora-rank"):
+        assert flag in flags
+    assert int(flags[flags.index("--max-cpu-loras") + 1]) >= int(flags[flags.index("--max-loras") + 1])
+    assert "healthcheck" in vllm
