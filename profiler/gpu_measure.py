@@ -284,7 +284,9 @@ class CsvSink:
         unknown = set(row) - set(self.columns)
         if unknown:
             raise KeyError(f"{self.path.name}: unknown columns {sorted(unknown)}")
-        self.rows.append(row)
+        # keep exactly what the file holds (6 significant digits), so fits from memory and from the CSV agree
+        self.rows.append({k: float(_fmt(v)) if isinstance(v, float) and not math.isnan(v) else v
+                          for k, v in row.items()})
         with open(self.path, "a", newline="") as f:
             csv.writer(f).writerow([_fmt(row.get(c, "")) for c in self.columns])
 
