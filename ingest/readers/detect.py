@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from adaptwin.cliutil import UserError
-from adaptwin.ingest.readers import azure, mooncake
+from adaptwin.ingest.readers import azure
 from adaptwin.ingest.readers.azure import AzureReader
 from adaptwin.ingest.readers.base import FORMATS, REQUIRED_FIELDS, ReaderOptions, TraceFormatError, TraceReader
 from adaptwin.ingest.readers.generic_csv import CsvReader, read_header

@@ -16,7 +16,7 @@ from adaptwin.cliutil import UserError
 from adaptwin.config import TOPICS
 from adaptwin.ingest import catalog
 from adaptwin.ingest.sink import LakeSink, SinkConfig
-from adaptwin.kafka import make_consumer, make_producer
+from adaptwin.kafka import make_producer
 
 pytestmark = pytest.mark.broker
 
