@@ -9,7 +9,9 @@ COPY replay replay
 COPY learner learner
 COPY dashboard dashboard
 COPY profiler profiler
-RUN pip install --no-cache-dir -c constraints.txt . && useradd --create-home adaptwin
+RUN pip install --no-cache-dir -c constraints.txt . && useradd --create-home adaptwin \
+    && mkdir -p /lake /data/learner && chown adaptwin /lake /data/learner
+# a named volume mounted on /lake or /data/learner starts with these owners, so the non-root user can write
 USER adaptwin
 ENV ADAPTWIN_LAKE=/lake
 ENTRYPOINT ["adaptwin"]

@@ -32,7 +32,8 @@ kafka-up: kafka-jars
 kafka-down:
 	$(KAFKA) down
 
-demo: setup kafka-up
+# The demo starts (and at the end, Ctrl-C included, stops) its own broker unless one already runs on 9092.
+demo: setup kafka-jars
 	$(BIN)/adaptwin demo
 
 # The whole suite, the real-vLLM tests included (they need .venv-vllm: about 4 min the first time).

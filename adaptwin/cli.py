@@ -42,10 +42,12 @@ def build_parser() -> argparse.ArgumentParser:
                 raise
             continue  # that part has no commands yet
         module.register(sub, twin)
-    demo = sub.add_parser("demo", help="run the pipeline end to end on a real trace and summarise the lake")
+    demo = sub.add_parser("demo", help="the pipeline end to end on a real trace: summary, then the dashboard until Ctrl-C")
     demo.add_argument("--trace", default="azure-conv", help="shipped trace name or file (default azure-conv)")
     demo.add_argument("--adapters", type=int, default=64)
     demo.add_argument("--limit", type=int, default=None, help="only the first N requests")
+    demo.add_argument("--port", type=int, default=8501, help="dashboard port (default 8501)")
+    demo.add_argument("--no-dashboard", action="store_true", help="print the summary and exit")
     add_kafka_args(demo)
     add_lake_args(demo)
     demo.set_defaults(func=_demo)
@@ -56,7 +58,8 @@ def _demo(args: argparse.Namespace) -> int:
     from adaptwin import config, demo
 
     demo.run(demo.DemoConfig(bootstrap=config.bootstrap(args.bootstrap), lake=config.lake(args.lake),
-                             trace=args.trace, adapters=args.adapters, limit=args.limit))
+                             trace=args.trace, adapters=args.adapters, limit=args.limit,
+                             dashboard=not args.no_dashboard, port=args.port))
     return 0
 
 

@@ -122,6 +122,12 @@ def admin_client(bootstrap: str, timeout_s: float = 10.0, **overrides: Any) -> I
         admin.close()
 
 
+def cluster_id(bootstrap: str, timeout_s: float = 10.0) -> str:
+    """The Kafka cluster id: offsets mean something only within one cluster (a re-created broker starts at 0)."""
+    with admin_client(bootstrap, timeout_s) as admin:
+        return admin.describe_cluster()["cluster_id"]
+
+
 def _broker_ready(bootstrap: str, timeout_s: float) -> str | None:
     """None if the broker answers and has an unfenced broker registered, else why not."""
     if not _listening(bootstrap, min(timeout_s, 1.0)):

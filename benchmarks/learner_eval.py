@@ -1,12 +1,20 @@
 """Learner benchmark: the two prequential targets of issue 7, on the shared validation files.
 
-    .venv/bin/python -m benchmarks.learner_eval [--grid-rows 3000] [--warm-rows 6000] [--models ...] [--json]
+    .venv/bin/python -m benchmarks.learner_eval [--grid-rows 3000] [--warm-rows 6000] [--models ...]
+                                                [--twin-feature] [--twin-budget 3600] [--jobs 2] [--json]
 
 1. *twin grid*: ``ml_train_sim.csv.gz`` (the paper's twin on its ML grid), shuffled (seed 0), first ``--grid-rows``
    rows, cold start.
 2. *real runs*: ``scenarios_table1.csv`` shuffled (seed 0), warm-started from ``ml_train_sim.csv.gz``
    (``--warm-rows``: same-workload rows first, then a random sample), plus the paper twin's own replays of those runs
    (``twin_validation_sim.csv``, lengths rescaled to the real pool, as in docs/learner.md) as "the twin alone".
+   Note the paper twin's replays read the real run's arrivals and its observed queue cap (paper-digest §5), so they
+   are a reference, never a feature.
+3. with ``--twin-feature``: the real runs again, each row also carrying *our* twin's throughput for that scenario
+   (``twin_gap``), simulated from the inputs with profiles fitted from ``data/calibration`` alone (no term fitted on
+   the real runs). The 294 simulations are cached in ``benchmarks/learner_twin_calibration.jsonl`` (made with the
+   twin of 2026-11-26; delete the file to re-simulate with today's twin: ≈ 22 min on 2 busy cores,
+   ``--twin-budget`` bounds it).
 
 Fixed seeds; wall time and the load average are recorded with the numbers (the machine is shared).
 """
@@ -22,6 +30,8 @@ import time
 from pathlib import Path
 
 DATA = Path(os.environ.get("ADAPTWIN_SHARED", "/work/shared")) / "data" / "validation"
+CALIBRATION = DATA.parent / "calibration"
+TWIN_CACHE = Path(__file__).with_name("learner_twin_calibration.jsonl")
 
 
 def paper_twin_alone(order) -> dict:
@@ -47,6 +57,26 @@ def paper_twin_alone(order) -> dict:
             "paper_twin_rescaled_half_smape_after_50": round(mean([half_smape_term(y, p) for y, p in resc[50:]]), 3)}
 
 
+def speed_alone(name: str, runs, twin=None) -> dict:
+    """CPU time per predict / learn of one candidate (with its starvation classifier) running alone, cold, over
+    ``runs``: what one window costs the streaming learner, without the other candidates in the cache."""
+    from adaptwin.learner.features import features
+    from adaptwin.learner.models import ThroughputLearner, make_classifier, make_regressor
+
+    learner = ThroughputLearner(make_regressor(name), make_classifier(0))
+    xs = [features(r.scenario, (twin or {}).get(r.scenario)) for r in runs]
+    t_pred = t_learn = 0.0
+    for x, r in zip(xs, runs):
+        t0 = time.thread_time()
+        learner.predict_one(x)
+        t1 = time.thread_time()
+        learner.learn_one(x, r.throughput, r.starved)
+        t_learn += time.thread_time() - t1
+        t_pred += t1 - t0
+    return {"model": name, "rows": len(runs), "predict_ms": round(1000 * t_pred / len(runs), 4),
+            "learn_ms": round(1000 * t_learn / len(runs), 4)}
+
+
 def main(argv=None) -> int:
     from adaptwin.learner.dataset import read_runs
     from adaptwin.learner.models import CANDIDATES
@@ -57,6 +87,10 @@ def main(argv=None) -> int:
     ap.add_argument("--grid-rows", type=int, default=3000)
     ap.add_argument("--warm-rows", type=int, default=6000)
     ap.add_argument("--models", default=",".join(CANDIDATES))
+    ap.add_argument("--twin-feature", action="store_true",
+                    help="also evaluate the real runs with our twin's prediction per scenario as a feature")
+    ap.add_argument("--twin-budget", type=float, default=3600.0, help="seconds for simulations not in the cache")
+    ap.add_argument("--jobs", type=int, default=2, help="processes for the simulations")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     models = args.models.split(",")
@@ -78,11 +112,23 @@ def main(argv=None) -> int:
     out["real"] = evaluate(real, warm, candidates=models, warm_label="ml_train_sim.csv.gz")
     out["real"]["wall_s"] = round(time.perf_counter() - t0, 1)
     out["real"].update(paper_twin_alone(order))
+    if args.twin_feature:
+        from adaptwin.learner.warmstart import twin_predictions
+
+        t0 = time.perf_counter()
+        twin = twin_predictions(real, budget_s=args.twin_budget, jobs=args.jobs, cache=TWIN_CACHE,
+                                calibration=CALIBRATION)
+        out["real_twin"] = evaluate(real, warm, candidates=models, warm_label="ml_train_sim.csv.gz", twin=twin,
+                                    twin_label="adaptwin twin, profiles from data/calibration only")
+        out["real_twin"]["wall_s"] = round(time.perf_counter() - t0, 1)
+    out["speed_alone_grid"] = [speed_alone(m, shuffled[: args.grid_rows]) for m in models if m.startswith("capacity")]
     out["load_avg_after"] = os.getloadavg()
     if args.json:
         print(json.dumps(out))
         return 0
-    for part in ("twin_grid", "real"):
+    for part in ("twin_grid", "real", "real_twin"):
+        if part not in out:
+            continue
         rep = out[part]
         print(f"== {part}: chosen {rep['model']}, {rep['rows']} rows, warm {rep['warm_rows']}, {rep['wall_s']} s")
         for name, c in rep["candidates"].items():
@@ -93,6 +139,10 @@ def main(argv=None) -> int:
                   f"{c.get('config_regret_pct_mean', float('nan')):.2f}/{c.get('config_regret_pct_max', float('nan')):.2f} %"
                   f"  predict {c['predict_ms']:.3f} ms  learn {c['learn_ms']:.3f} ms")
     print({k: v for k, v in out["real"].items() if k.startswith("paper_twin")})
+    if "real_twin" in out:
+        print({k: v for k, v in out["real_twin"].items() if k.startswith("twin_")})
+    for sp in out["speed_alone_grid"]:
+        print(f"alone on the grid: {sp}")
     print(f"load average before {out['load_avg_before']}, after {out['load_avg_after']}")
     return 0
 

@@ -11,6 +11,9 @@ per decode token, per prefill token, per distinct adapter, per adapter x 1000 to
   * in-sample: every run simulated with terms fitted on all runs of its model;
   * leave-one-workload-out (LOWO): every run simulated with terms fitted on the other three workloads
     (rates x ranks) of its model, i.e. on data that never saw that workload.
+``--target tau`` (shipped) fits the per-token step time of each run by Little's law (mean running x duration /
+decode tokens) instead of its reported mean ITL (``--target itl``). The early-EOS share (``early_stop_fraction``) is
+estimated from the fully served runs' output tokens against their pool's ``max_tokens``, with the same folds.
 The all-runs terms are written to ``OUT/real_params.json`` (shipped as ``twin/real_params.json``);
 ``adaptwin twin fit --real-params twin/real_params.json`` puts them in a profile.
 """
@@ -37,6 +40,17 @@ POOL_TOTAL = {"llama-3.1-8b-instruct": 419.97, "qwen-2.5-7b-instruct": 422.47}
 RANK_SLOPES = [round(0.05 * i, 2) for i in range(0, 21)]
 
 
+def decode_context(model: str) -> float:
+    """Mean context a decoding request attends to in the paper's workload: prompt + tokens so far, over its
+    output − 1 decode steps (the length table's pairs, weighted by their decode steps)."""
+    from adaptwin.twin.lengths import load_lengths
+
+    p, o = load_lengths(model).sample(np.random.default_rng(0), 200_000)
+    p, o = p.astype(float), o.astype(float)
+    steps = np.maximum(o - 1, 0)
+    return float(np.sum(steps * (p + 1 + o / 2)) / np.sum(steps))
+
+
 def smape(y, p) -> float:
     y, p = np.asarray(y, float), np.asarray(p, float)
     return float(100 * np.mean(2 * np.abs(y - p) / (np.abs(y) + np.abs(p))))
@@ -51,6 +65,13 @@ def read_runs() -> list[dict]:
     for s in scen:
         g = real[(s["model"], s["rates"], s["max_lora_rank"], s["max_loras"], s["served_adapters"])]
         s["_gauges"] = {k: float(g[k] or 0) for k in ("mean_num_running", "mean_num_waiting", "preemptions_total")}
+        # output tokens generated per completed request vs the max_tokens the paper's pool sent (early EOS)
+        s["_served_share"] = float(g["completed"]) / max(1.0, float(g["arrivals_used"]))
+        # per-token step time by Little's law: running requests x window / decode tokens generated (ms)
+        s["_tau_ms"] = (float(g["mean_num_running"]) * float(g["duration_s"]) * 1000.0
+                        / max(1.0, float(g["total_output_tokens"]) - float(g["completed"])))
+        s["_output_ratio"] = ((float(g["total_output_tokens"]) / max(1.0, float(g["completed"])))
+                              / (float(g["pool_output_tokens"]) / float(g["pool_prompts"])))
         s["workload"] = f"{s['rates']}|{s['ranks']}"
     return scen
 
@@ -71,6 +92,7 @@ def design(runs: list[dict], prof) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     log2 of max_lora_rank/8."""
     st = prof.step
     xs, ys, lr = [], [], []
+    ctx = {m: decode_context(m) for m in {r["model"] for r in runs}} if st.kv_read_ms_per_ktoken else {}
     for r in runs:
         g = r["_gauges"]
         n, w = g["mean_num_running"], g["mean_num_waiting"]
@@ -84,14 +106,16 @@ def design(runs: list[dict], prof) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         a = expected_adapters(rates, served, ml, n, w)
         skipped = w * max(0.0, 1 - ml / served) if ml < served else 0.0
         known = (st.base_ms + st.decode_ms_per_seq * n + st.prefill_ms_per_token * p_step
-                 + prof.sched_base_ms + prof.sched_ms_per_running * n + prof.sched_ms_per_waiting_skipped * skipped)
-        xs.append((1.0, n, p_step, a, a * (n + p_step) / 1000.0)); ys.append(itl_ms - known); lr.append(math.log2(max(mlr, 8) / 8))
+                 + st.kv_read_ms_per_ktoken * 1e-3 * n * ctx.get(r["model"], 0.0) + prof.sched_base_ms + prof.sched_ms_per_running * n + prof.sched_ms_per_waiting_skipped * skipped)
+        target = r["_tau_ms"] if TARGET == "tau" and n >= 1 else itl_ms
+        xs.append((1.0, n, p_step, a, a * (n + p_step) / 1000.0)); ys.append(target - known); lr.append(math.log2(max(mlr, 8) / 8))
     return np.array(xs), np.array(ys), np.array(lr)
 
 
-def fit_terms(runs: list[dict], prof) -> dict:
-    """Least squares (relative error, non-negative terms) over a grid of rank slopes."""
-    x, y, lr = design(runs, prof)
+def fit_terms(runs: list[dict], prof, feats: list[dict] | None = None) -> dict:
+    """Least squares (relative error, non-negative terms) over a grid of rank slopes; on the real runs' gauges, or
+    with ``feats`` on the simulated runs' token-weighted step features (closed loop)."""
+    x, y, lr = design(runs, prof) if feats is None else design_sim(runs, feats, prof)
     best = None
     itl = np.array([float(r["mean_itl_ms"]) for r in runs])
     wts = 1.0 / itl  # relative errors: light runs (15 ms) count as much as heavy ones (300 ms)
@@ -114,11 +138,74 @@ def fit_terms(runs: list[dict], prof) -> dict:
             "lora_rank_slope": float(slope)}
 
 
+def _sim_features(args) -> tuple[int, dict]:
+    """Simulate one run with a :class:`GaugeEngine`: its summary and token-weighted step features."""
+    from adaptwin.twin.config import ServerConfig, paper_workload
+    from adaptwin.twin.gauges import GaugeEngine
+    from adaptwin.twin.lengths import apply_early_stop, load_lengths
+    from adaptwin.twin.result import SimResult
+    from adaptwin.twin.runner import parse_list
+
+    i, r, prof, seed = args
+    dur = float(r["duration_s"])
+    arr, ranks = paper_workload(parse_list(r["rates"]), parse_list(r["ranks"], int), int(r["served_adapters"]),
+                                dur, seed, load_lengths(prof.model))
+    arr = apply_early_stop(arr, prof.early_stop_fraction, seed)
+    cfg = ServerConfig(model=prof.model, served=int(r["served_adapters"]), max_loras=int(r["max_loras"]),
+                       adapter_ranks=tuple(ranks), max_lora_rank=int(r["max_lora_rank"]))
+    eng = GaugeEngine(cfg, prof)
+    eng.add_arrivals(arr)
+    eng.advance_until(dur)
+    s = SimResult.from_engine(eng, dur).summary()
+    return i, {"summary": s, "features": eng.features.weighted()}
+
+
+def simulate_features(rows: list[dict], profiles: list, jobs: int, seed: int = 0) -> list[dict]:
+    """Token-weighted step features of each row simulated with its own profile (rows[i] with profiles[i])."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    work = sorted(((i, r, p, seed) for i, (r, p) in enumerate(zip(rows, profiles))),
+                  key=lambda w: -float(w[1]["ideal_total_throughput"]))
+    out: list[dict] = [None] * len(rows)  # type: ignore[list-item]
+    with ProcessPoolExecutor(max_workers=max(1, jobs)) as pool:
+        for i, res in pool.map(_sim_features, work, chunksize=1):
+            out[i] = res
+    return out
+
+
+def design_sim(runs: list[dict], feats: list[dict], prof) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Like :func:`design`, but from the simulated runs' token-weighted step features (closed loop): the LoRA-term
+    features [lora, N, prefill tokens, A, A·tokens/1000] and the real ITL minus the known (calibrated) terms."""
+    st = prof.step
+    xs, ys, lr = [], [], []
+    for r, f in zip(runs, feats):
+        F = f["features"]
+        known = (st.base_ms + st.decode_ms_per_seq * F["n_decode"] + st.prefill_ms_per_token * F["n_prefill"]
+                 + st.kv_read_ms_per_ktoken * F["context_ktokens"] + F["load_ms"] + prof.sched_base_ms + prof.sched_ms_per_running * F["running"]
+                 + prof.sched_ms_per_waiting_skipped * F["skipped_waiting"])
+        xs.append((F["lora"], F["n_decode"], F["n_prefill"], F["adapters"], F["adapters_ktokens"]))
+        ys.append(float(r["mean_itl_ms"]) - known)
+        lr.append(math.log2(max(int(r["max_lora_rank"]), 8) / 8))
+    return np.array(xs), np.array(ys), np.array(lr)
+
+
+def fit_early_stop(runs: list[dict]) -> float:
+    """Share of requests that end at EOS before max_tokens, from the runs that completed >= 99 % of their arrivals
+    (no selection of short requests there): mean(generated / max_tokens) = 1 − share/2 under a uniform stop point
+    (:func:`adaptwin.twin.lengths.apply_early_stop`)."""
+    ratios = [r["_output_ratio"] for r in runs if r["_served_share"] >= 0.99]
+    return max(0.0, 2.0 * (1.0 - float(np.mean(ratios)))) if ratios else 0.0
+
+
 def with_terms(prof, terms: dict):
-    return dataclasses.replace(prof, step=dataclasses.replace(prof.step, **terms))
+    terms = dict(terms)
+    early = terms.pop("early_stop_fraction", None)
+    prof = dataclasses.replace(prof, step=dataclasses.replace(prof.step, **terms))
+    return prof if early is None else dataclasses.replace(prof, early_stop_fraction=early)
 
 
 LIGHT = None  # set by --light-seeds: (max expected requests, seeds)
+TARGET = "itl"  # --target: what the gauge fit matches (reported ITL, or the per-token time tau from Little's law)
 
 
 def simulate_rows(rows: list[dict], profiles: list, jobs: int, seeds=(0,)) -> list[dict]:
@@ -183,13 +270,16 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=".cache/twin_fidelity")
     ap.add_argument("--skip-shipped", action="store_true", help="do not simulate with the shipped profiles")
     ap.add_argument("--skip-insample", action="store_true", help="with --fit: only the cross-validated pass")
+    ap.add_argument("--target", choices=("itl", "tau"), default="itl",
+                    help="gauge fit target: the runs' reported mean ITL, or their per-token time by Little's law")
     ap.add_argument("--light-seeds", default=None,
                     help="N:S1,S2,..: runs with at most N expected requests average these seeds (Poisson noise)")
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     seeds = [int(s) for s in args.seeds.split(",")]
-    global LIGHT
+    global LIGHT, TARGET
+    TARGET = args.target
     if args.light_seeds:
         n, ss = args.light_seeds.split(":")
         LIGHT = (float(n), [int(x) for x in ss.split(",")])
@@ -211,11 +301,12 @@ def main(argv=None) -> int:
             base = with_terms(base, {"lora_ms_per_prefill_token": 0.0, "lora_rank_slope": 0.0,
                                      "lora_ms_per_adapter_ktoken": 0.0})
             mine = [r for r in runs if r["model"] == m]
-            terms = fit_terms(mine, base)
+            terms = {**fit_terms(mine, base), "early_stop_fraction": fit_early_stop(mine)}
             params[m] = terms
             full = with_terms(base, terms)
             for w in sorted({r["workload"] for r in mine}):
-                fold = fit_terms([r for r in mine if r["workload"] != w], base)
+                train = [r for r in mine if r["workload"] != w]
+                fold = {**fit_terms(train, base), "early_stop_fraction": fit_early_stop(train)}
                 result["folds"][f"{m}|{w}"] = fold
                 fp = with_terms(base, fold)
                 for i, r in enumerate(runs):

@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 import streamlit as st
 
 from adaptwin.cliutil import UserError
-from adaptwin.ingest import catalog, lake
+from adaptwin.ingest import catalog, lake, maintenance
 from adaptwin.dashboard.settings import cache_ttl_s
 
 log = logging.getLogger(__name__)
@@ -116,7 +116,8 @@ def _cached(root: str, sql: str, params: tuple) -> Result:
     t0 = time.perf_counter()
     cur = _cursor(Path(root))
     try:
-        frame = cur.execute(sql, list(params)).df()
+        with maintenance.reader_lock(Path(root)):  # a compaction's file swap waits for the query (docs/e2e.md)
+            frame = cur.execute(sql, list(params)).df()
     except duckdb.Error as err:
         raise _explain(Path(root), err) from None
     finally:
@@ -150,13 +151,14 @@ def user_query(root: str, sql: str, max_rows: int) -> Result:
     timer = threading.Timer(QUERY_TIMEOUT_S, cur.interrupt)
     timer.start()
     try:
-        reader = cur.sql(last.query).to_arrow_reader(batch_size=min(max_rows + 1, 100_000))
-        batches, rows = [], 0
-        for batch in reader:
-            batches.append(batch)
-            rows += batch.num_rows
-            if rows > max_rows:
-                break
+        with maintenance.reader_lock(Path(root)):
+            reader = cur.sql(last.query).to_arrow_reader(batch_size=min(max_rows + 1, 100_000))
+            batches, rows = [], 0
+            for batch in reader:
+                batches.append(batch)
+                rows += batch.num_rows
+                if rows > max_rows:
+                    break
         table = pa.Table.from_batches(batches, schema=reader.schema) if batches else reader.schema.empty_table()
         truncated = table.num_rows > max_rows
         table = table.slice(0, max_rows)

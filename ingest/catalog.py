@@ -15,7 +15,7 @@ import duckdb
 import pyarrow as pa
 
 from adaptwin.cliutil import UserError
-from adaptwin.ingest import lake
+from adaptwin.ingest import lake, maintenance
 
 READ_ONLY_TYPES = {duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN}
 
@@ -33,11 +33,20 @@ def connect(root: Path | str) -> duckdb.DuckDBPyConnection:
     root = Path(root).resolve()
     con = duckdb.connect(config={"threads": 2})
     for name, (_, schema) in lake.TABLES.items():
-        if lake.files(root, name):
+        files = lake.files(root, name)
+        if files:
             glob = (root / name / "run_id=*" / "date=*" / "*.parquet").as_posix().replace("'", "''")
-            con.execute(
-                f"CREATE VIEW {name} AS SELECT * FROM read_parquet('{glob}', hive_partitioning=true, "
-                f"hive_types={{'run_id': VARCHAR, 'date': DATE}})")
+            source = (f"read_parquet('{glob}', hive_partitioning=true, "
+                      f"hive_types={{'run_id': VARCHAR, 'date': DATE}}")
+            # an interrupted compaction leaves inputs beside the merged file that covers them: skip them
+            # (maintenance.covered), or their rows would count twice; the normal lake has none
+            skip = [f.path.as_posix().replace("'", "''") for f in maintenance.covered(files)]
+            if skip:
+                listed = ", ".join(f"'{p}'" for p in skip)
+                con.execute(f"CREATE VIEW {name} AS SELECT * EXCLUDE (filename) FROM {source}, filename=true) "
+                            f"WHERE filename NOT IN ({listed})")
+            else:
+                con.execute(f"CREATE VIEW {name} AS SELECT * FROM {source})")
         else:
             _empty_view(con, name, schema)
     lake_dir = root.as_posix().rstrip("/").replace("'", "''") + "/"
@@ -65,13 +74,15 @@ def check_read_only(sql: str) -> None:
 def query(root: Path | str, sql: str) -> pa.Table:
     """Run a read-only query over the lake and return the result as an Arrow table."""
     check_read_only(sql)
-    con = connect(root)
-    try:
-        last = duckdb.extract_statements(sql)[-1]  # all are read-only; only the last one's rows are shown
-        return con.sql(last.query).to_arrow_table()
-    except duckdb.PermissionException as err:
-        raise QueryRefused(f"refused: {err}. Only files inside the lake ({root}) can be read.") from None
-    except duckdb.Error as err:
-        raise UserError(f"query failed: {err}") from None
-    finally:
-        con.close()
+    # shared with other readers; a compaction swapping files waits, so no query sees a swap half-done
+    with maintenance.reader_lock(Path(root)):
+        con = connect(root)
+        try:
+            last = duckdb.extract_statements(sql)[-1]  # all are read-only; only the last one's rows are shown
+            return con.sql(last.query).to_arrow_table()
+        except duckdb.PermissionException as err:
+            raise QueryRefused(f"refused: {err}. Only files inside the lake ({root}) can be read.") from None
+        except duckdb.Error as err:
+            raise UserError(f"query failed: {err}") from None
+        finally:
+            con.close()

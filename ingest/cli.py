@@ -1,4 +1,4 @@
-"""Commands of the ingest part: ``ingest``, ``sink``, ``query``, ``topics``.
+"""Commands of the ingest part: ``ingest``, ``sink``, ``query``, ``topics``, ``lake compact|retention``.
 
 Only argparse and adaptwin's light modules are imported here; each handler imports what it needs.
 """
@@ -67,6 +67,8 @@ def register(sub: argparse._SubParsersAction, twin: argparse._SubParsersAction) 
     p.add_argument("--max-rows", type=int, default=50, help="rows shown by --format table")
     add_lake_args(p)
     p.set_defaults(func=_query)
+
+    _register_lake(sub)
 
     p = sub.add_parser("topics", help="create (idempotently) or list the project's Kafka topics")
     p.add_argument("action", choices=["create", "list"])
@@ -152,4 +154,115 @@ def _topics(args: argparse.Namespace) -> int:
         with kafka.admin_client(bootstrap) as admin:
             for t in sorted(admin.describe_topics(), key=lambda t: t["name"]):
                 print(f"{t['name']}\t{len(t.get('partitions') or [])} partition(s)")
+    return 0
+
+
+def _register_lake(sub: argparse._SubParsersAction) -> None:
+    lake_parser = sub.add_parser("lake", help="lake maintenance: compact small files, drop old partitions",
+                                 description="Both are safe while `adaptwin sink` runs (docs/e2e.md).")
+    lake_sub = lake_parser.add_subparsers(dest="lake_command", required=True, metavar="LAKE_COMMAND")
+    tables = "comma-separated tables (default: all: requests,telemetry,windows,recommendations,deadletter)"
+
+    p = lake_sub.add_parser("compact", help="merge small files the sink has committed, without changing any result",
+                            description="Merges, per run/date directory and Kafka partition, files whose offsets "
+                                        "are below the sink group's committed offsets into one file per offset "
+                                        "range; query results do not change.")
+    p.add_argument("--group", default=None, help="the sink's group id, whose committed offsets bound what is merged "
+                                                 "(default: the group the lake's sink is bound to, else adaptwin-sink)")
+    p.add_argument("--tables", default=None, help=tables)
+    p.add_argument("--max-rows", type=int, default=2_000_000, help="rows per merged file (default 2,000,000)")
+    p.add_argument("--every", type=float, default=None, metavar="S",
+                   help="run again every S seconds until stopped (a service); a pass that fails is logged and retried")
+    p.add_argument("--json", action="store_true", help="print the counts as one JSON line")
+    add_kafka_args(p)
+    add_lake_args(p)
+    p.set_defaults(func=_lake_compact)
+
+    p = lake_sub.add_parser("retention", help="delete date partitions older than a limit",
+                            description="Deletes every date=YYYY-MM-DD partition older than today (UTC) minus "
+                                        "DAYS; today's partition, the only one the sink writes, is always kept.")
+    p.add_argument("--older-than", "--keep-days", dest="older_than", type=int, required=True, metavar="DAYS",
+                   help="keep the last DAYS days besides today")
+    p.add_argument("--tables", default=None, help=tables)
+    p.add_argument("--dry-run", action="store_true", help="list what would be deleted, delete nothing")
+    p.add_argument("--every", type=float, default=None, metavar="S",
+                   help="run again every S seconds until stopped (a service); a pass that fails is logged and retried")
+    p.add_argument("--json", action="store_true", help="print the counts as one JSON line")
+    add_lake_args(p)
+    p.set_defaults(func=_lake_retention)
+
+
+def _tables(text: str | None) -> tuple[str, ...]:
+    from adaptwin.ingest.lake import TABLES
+
+    names = tuple(t for t in (text or "").split(",") if t) or tuple(TABLES)
+    unknown = [t for t in names if t not in TABLES]
+    if unknown:
+        raise UserError(f"unknown lake table(s) {unknown}; known: {list(TABLES)}")
+    return names
+
+
+def _repeat(every: float | None, json_out: bool, one_pass) -> int:
+    """Run ``one_pass`` once, or every ``every`` seconds until stopped; both jobs are safe to kill any time."""
+    import logging
+    import time
+
+    if every is None:
+        return one_pass()
+    if every <= 0:
+        raise UserError(f"--every must be a positive number of seconds, got {every:g}")
+    if json_out:
+        raise UserError("--json prints one summary and exits; with --every the passes are reported as text")
+    log = logging.getLogger("adaptwin.ingest.maintenance")
+    while True:
+        try:
+            one_pass()
+            sys.stdout.flush()
+        except UserError as err:  # e.g. the broker is restarting: try again next time
+            log.warning("lake maintenance pass failed, retrying in %g s: %s", every, err)
+        time.sleep(every)
+
+
+def _lake_compact(args: argparse.Namespace) -> int:
+    if args.max_rows < 1:
+        raise UserError(f"--max-rows must be at least 1, got {args.max_rows}")
+    return _repeat(args.every, args.json, lambda: _compact_pass(args))
+
+
+def _compact_pass(args: argparse.Namespace) -> int:
+    from adaptwin import config
+    from adaptwin.ingest import maintenance
+
+    report = maintenance.compact(maintenance.CompactConfig(
+        lake=config.lake(args.lake), bootstrap=config.bootstrap(args.bootstrap), group_id=args.group,
+        tables=_tables(args.tables), max_rows=args.max_rows))
+    if args.json:
+        print_json(report.__dict__)
+    else:
+        print(f"compacted {report.merged_files} files into {report.written_files} "
+              f"({report.rows_merged:,} rows); lake files {report.files_before} -> {report.files_after}; "
+              f"{report.skipped_uncommitted} not yet committed by the sink left alone"
+              + (f"; {report.covered_removed} leftovers of an interrupted compaction removed"
+                 if report.covered_removed else ""))
+    return 0
+
+
+def _lake_retention(args: argparse.Namespace) -> int:
+    return _repeat(args.every, args.json, lambda: _retention_pass(args))
+
+
+def _retention_pass(args: argparse.Namespace) -> int:
+    from adaptwin import config
+    from adaptwin.ingest import maintenance
+
+    report = maintenance.retention(config.lake(args.lake), args.older_than, tables=_tables(args.tables),
+                                   dry_run=args.dry_run)
+    if args.json:
+        print_json(report.__dict__)
+    else:
+        verb = "would delete" if args.dry_run else "deleted"
+        print(f"{verb} {report.partitions_removed} partition(s) older than {report.cutoff} "
+              f"({report.files_removed} files, {report.bytes_removed / 1e6:.1f} MB)")
+        for path in report.removed:
+            print(f"  {path}")
     return 0

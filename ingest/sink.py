@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import datetime as dt
 import fcntl
+import json
 import logging
 import os
 import signal
@@ -35,10 +36,12 @@ from kafka import TopicPartition
 from adaptwin import schemas
 from adaptwin.config import TOPICS
 from adaptwin.cliutil import UserError
-from adaptwin.kafka import commit_offsets, make_consumer, make_producer, topic_partitions
+from adaptwin.kafka import cluster_id, commit_offsets, make_consumer, make_producer, topic_partitions
 from adaptwin.ingest import lake
 
 log = logging.getLogger(__name__)
+
+LAKE_OWNER = "_sink.json"  # the (Kafka cluster, sink group) whose offsets name the lake's files
 
 
 @dataclass(frozen=True)
@@ -80,6 +83,7 @@ class LakeSink:
         self._producer = None  # created on the first dead letter
         self._lock = _lock_lake(config.lake, config.group_id)
         try:
+            _bind_lake(config.lake, config.bootstrap, config.group_id)
             partitions = topic_partitions(config.bootstrap, config.topics)
             # read_committed: a replay writes telemetry in transactions; an aborted one (a killed replay
             # that is re-run) must not reach the lake.
@@ -185,16 +189,43 @@ class LakeSink:
 
 
 def _lock_lake(root: Path, group_id: str) -> int:
-    """An exclusive lock on ``<lake>/.sink-<group>.lock`` for the sink's lifetime (released on any exit)."""
+    """An exclusive lock on ``<lake>/.sink.lock`` for the sink's lifetime (released on any exit)."""
     root.mkdir(parents=True, exist_ok=True)
-    fd = os.open(root / f".sink-{lake.safe_run_id(group_id)}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    fd = os.open(root / ".sink.lock", os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
-        raise UserError(f"another `adaptwin sink` with group {group_id!r} is already writing {root}; "
+        raise UserError(f"another `adaptwin sink` is already writing {root} (this one: group {group_id!r}); "
                         f"stop it first (two would write the same offsets twice)") from None
     return fd
+
+
+def _bind_lake(root: Path, bootstrap: str, group_id: str) -> None:
+    """Tie the lake to one (Kafka cluster, sink group), or refuse the sink.
+
+    Lake files are named after offsets of one cluster as one group committed them. A sink of another group, or of
+    a re-created broker whose offsets start again at 0, would take those files for uncommitted leftovers and delete
+    them, or write the same offsets a second time. The first sink binds the lake (``_sink.json``); others are refused.
+    """
+    cluster = cluster_id(bootstrap)
+    wanted = {"cluster_id": cluster, "group_id": group_id}
+    path = root / LAKE_OWNER
+    try:
+        owner = json.loads(path.read_text())
+    except FileNotFoundError:
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(wanted) + "\n")
+        os.replace(tmp, path)
+        return
+    except (OSError, ValueError) as err:
+        raise UserError(f"cannot read {path} ({err}); it says which Kafka cluster and sink group own this lake") from None
+    if owner != wanted:
+        raise UserError(
+            f"the lake {root} is written from Kafka cluster {owner.get('cluster_id')} by sink group "
+            f"{owner.get('group_id')!r}, this sink is group {group_id!r} on cluster {cluster} ({bootstrap}): its "
+            "offsets do not describe the lake's files, so it would delete or duplicate rows. Use another --lake, "
+            "or the owner's --group and broker")
 
 
 def _dead_letter(tp: TopicPartition, offset: int, reason: str, raw: bytes) -> dict:

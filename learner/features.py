@@ -6,7 +6,9 @@ ranks per adapter group) and the candidate configuration (served adapters = ``--
 
 The strongest fact about throughput is that it cannot exceed the offered load. :func:`ideal_throughput` computes it
 from the workload alone (Σ per-adapter rates × the model's mean tokens per request), and the learner predicts the
-*ratio* of throughput to it (see :mod:`adaptwin.learner.models`).
+*ratio* of throughput to it (see :mod:`adaptwin.learner.models`). The second fact is that it cannot exceed what the
+server completes when saturated: :func:`saturated_capacity` is a closed-form estimate of that from the configuration
+(KV-limited batch, step time of that batch), so that a run's throughput is about ``min(offered, capacity)``.
 
 Workloads are held as groups: ``rates[i]`` req/s for ``rate_counts[i]`` adapters, and ``ranks[j]`` for
 ``rank_counts[j]`` adapters. The paper's round-robin rule (adapter k gets ``rates[k mod len]``) gives the counts of
@@ -20,6 +22,8 @@ a scenario CSV row; the ML grid file lists them itself (``rate_counts``/``size_c
 >>> x = features(s)
 >>> round(x["log_ideal"], 3), x["served"], x["max_loras"]
 (8.055, 128.0, 64.0)
+>>> saturated_capacity(s) > 3 * ideal_throughput(s)  # tokens/s when saturated: far above the load offered here
+True
 """
 
 from __future__ import annotations
@@ -29,7 +33,8 @@ import math
 from dataclasses import dataclass
 from typing import Sequence
 
-__all__ = ["ModelFacts", "Scenario", "features", "ideal_throughput", "model_facts", "FEATURE_NAMES"]
+__all__ = ["ModelFacts", "Scenario", "features", "ideal_throughput", "model_facts", "saturated_capacity",
+           "CapacityTerms", "FEATURE_NAMES"]
 
 
 @dataclass(frozen=True)
@@ -150,6 +155,68 @@ def ideal_throughput(s: Scenario) -> float:
     return s.total_rate * model_facts(s.model).mean_tokens
 
 
+@dataclass(frozen=True)
+class CapacityTerms:
+    """Step-time terms (ms) of the closed-form capacity: vLLM's step = base + per decode token + per prefill token
+    + LoRA terms + scheduler work (the twin's :class:`~adaptwin.twin.profile.StepTimeModel` without its state)."""
+
+    base_ms: float
+    decode_ms_per_seq: float
+    prefill_ms_per_token: float
+    lora_base_ms: float
+    lora_ms_per_seq: float
+    lora_ms_per_adapter: float
+    sched_ms_per_running: float = 0.0033831879
+    sched_ms_per_waiting_skipped: float = 0.00023762347
+    max_waiting: int = 25500
+    """Waiting requests a saturated server holds (the paper client's cap): what the scheduler scans and skips."""
+    max_num_seqs: int = 2048
+
+
+# Fitted by `adaptwin twin fit` on data/calibration alone (profiler.fit.fit_profile without --real-params): the
+# shipped profiles' LoRA terms were refitted on the 294 real runs, and a feature must not carry their outcomes.
+_CALIBRATION_TERMS = {
+    "llama-3.1-8b-instruct": CapacityTerms(10.541757, 0.043799381, 0.026517997, 6.710266, 0.037637110, 0.35712733),
+    "qwen-2.5-7b-instruct": CapacityTerms(10.616814, 0.048944844, 0.023435697, 6.714441, 0.030254079, 0.35290936),
+}
+
+
+@functools.lru_cache(maxsize=None)
+def _capacity_terms(model: str) -> CapacityTerms:
+    if model in _CALIBRATION_TERMS:
+        return _CALIBRATION_TERMS[model]
+    from adaptwin.twin.profile import load_profile  # another model: its own profile (ValueError if none)
+
+    p = load_profile(model)
+    st = p.step
+    return CapacityTerms(st.base_ms, st.decode_ms_per_seq, st.prefill_ms_per_token, st.lora_base_ms,
+                         st.lora_ms_per_seq, st.lora_ms_per_adapter, p.sched_ms_per_running,
+                         p.sched_ms_per_waiting_skipped, p.client_max_waiting or 25500)
+
+
+def saturated_capacity(s: Scenario) -> float:
+    """Closed-form tokens/s (input + output) of the configuration under a saturating load.
+
+    The batch holds as many requests as the KV cache fits at their mean resident size (prompt + half the output +
+    half a block), at most ``max_num_seqs``; every step decodes one token of each and prefills the prompts of the
+    requests that replace finished ones (B·prompt/output tokens); with ``min(max_loras, served)`` adapters in the
+    batch, and, when slots are fewer than adapters, the scheduler scanning the waiting queue. Throughput is then
+    B/output requests per step × (prompt + output) tokens / step time. An estimate (the learner learns its error
+    per configuration), built from inputs and calibration only.
+    """
+    facts = model_facts(s.model)
+    t = _capacity_terms(s.model)
+    prompt, output = facts.mean_prompt, facts.mean_output
+    batch = min(float(t.max_num_seqs), facts.kv_tokens(s.max_loras, s.max_lora_rank) / (prompt + output / 2 + 8))
+    prefill = batch * prompt / output
+    adapters = min(s.max_loras, s.served)
+    step_ms = (t.base_ms + t.decode_ms_per_seq * batch + t.prefill_ms_per_token * prefill + t.lora_base_ms
+               + t.lora_ms_per_seq * batch + t.lora_ms_per_adapter * adapters + t.sched_ms_per_running * batch)
+    if s.max_loras < s.served:
+        step_ms += t.sched_ms_per_waiting_skipped * t.max_waiting * (1 - s.max_loras / s.served)
+    return batch / output * (prompt + output) / (step_ms / 1000.0)
+
+
 def _moments(values: Sequence[float], counts: Sequence[int]) -> tuple[float, float, float, float]:
     """Count-weighted (max, min, mean, std) over groups with a positive count."""
     pairs = [(v, c) for v, c in zip(values, counts) if c > 0]
@@ -163,17 +230,22 @@ FEATURE_NAMES = (
     "is_qwen", "served", "max_loras", "log2_served", "log2_max_loras", "slots_over_served", "max_lora_rank",
     "log_ideal", "log_total_rate", "rate_max", "rate_min", "rate_mean", "rate_cv", "top_share", "hot_adapters",
     "rank_mean", "rank_max", "rank32_share", "mean_prompt", "mean_output", "kv_k", "kv_requests",
-    "log_kv_load", "rate_per_slot",
+    "log_kv_load", "rate_per_slot", "log_cap", "cap_gap",
 )
 
 
-def features(s: Scenario) -> dict[str, float]:
+def features(s: Scenario, twin_throughput: float | None = None) -> dict[str, float]:
     """The feature dict of one scenario (small on purpose: river is pure Python and every key costs time).
 
     Workload: total and per-adapter rate statistics, popularity skew (coefficient of variation, the share of the
     offered requests carried by the busiest group, adapters needed to carry half the traffic), rank statistics,
     mean token lengths, the offered load. Candidate: served, max_loras, max_lora_rank and their ratio.
-    Derived: the KV cache capacity (tokens, and requests of mean length it holds) and the offered load per KV slot.
+    Derived: the KV cache capacity (tokens, and requests of mean length it holds) and the offered load per KV slot;
+    the saturated capacity (log) and its margin over the offered load (``cap_gap`` = log capacity − log offered:
+    negative means the configuration is predicted to starve).
+
+    ``twin_throughput``: the twin's total throughput for this very scenario (a simulation of the inputs, e.g.
+    :func:`~adaptwin.learner.warmstart.twin_predictions`), added as ``twin_gap`` = log(twin / offered), ≤ 0.
     """
     facts = model_facts(s.model)
     rmax, rmin, rmean, rstd = _moments(s.rates, s.rate_counts)
@@ -195,7 +267,8 @@ def features(s: Scenario) -> dict[str, float]:
             break
     kv = facts.kv_tokens(s.max_loras, s.max_lora_rank)
     kv_requests = kv / facts.mean_tokens
-    return {
+    log_cap = math.log(max(saturated_capacity(s), 1e-3))
+    out = {
         "is_qwen": 1.0 if s.model.startswith("qwen") else 0.0,
         "served": float(s.served),
         "max_loras": float(s.max_loras),
@@ -221,4 +294,9 @@ def features(s: Scenario) -> dict[str, float]:
         # offered tokens/s per KV-resident request: how hard the cache is pressed
         "log_kv_load": math.log(max(ideal, 1e-3) / kv_requests),
         "rate_per_slot": total / min(s.max_loras, s.served),
+        "log_cap": log_cap,
+        "cap_gap": log_cap - math.log(max(ideal, 1e-3)),
     }
+    if twin_throughput is not None and twin_throughput > 0 and ideal > 0:
+        out["twin_gap"] = min(0.0, math.log(twin_throughput / ideal))
+    return out

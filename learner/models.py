@@ -10,9 +10,16 @@ Structure (more important than the choice of river estimator):
   ``corrector_window`` rows, on the prior's prediction and a few configuration features) learns the residual
   real − prior. The twin's shape stays, its bias for this deployment is learned from the first few dozen rows. Without
   warm start the regressor itself learns online.
+* **Capacity structure** (candidates ``capacity``, ``capacity_tree``; :class:`CapacityRegressor`). A run completes
+  ``min(offered, capacity)``: the capacity is the closed-form
+  :func:`~adaptwin.learner.features.saturated_capacity` times a learned correction, learned from starved runs
+  only (their throughput *is* the capacity). It carries its own warm-start correction, and, when a row carries the
+  twin's own prediction (``twin_gap``), a k-NN of the twin's residual, blended with its own answer by their recent
+  errors.
 * **Interval.** Split-conformal on a rolling window of absolute log residuals (:class:`RollingConformal`).
-* **Starvation.** Two answers every row: *derived* (predicted ratio ≤ 0.9) and *classifier* (a dedicated river
-  classifier on the features plus the predicted log ratio); the evaluation keeps both scores and picks one.
+* **Starvation.** Three answers every row: *derived* (predicted ratio ≤ 0.9), *classifier* (a dedicated river
+  classifier on the features plus the predicted log ratio) and *margin* (predicted log ratio ≤ a threshold learned
+  for F1, :class:`MarginThreshold`); the evaluation keeps all scores and picks one.
 
 >>> from adaptwin.learner.features import Scenario, features
 >>> learner = ThroughputLearner(make_regressor("linear"))
@@ -25,13 +32,17 @@ Structure (more important than the choice of river estimator):
 
 from __future__ import annotations
 
+import collections
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
+
+import numpy as np
 
 from adaptwin.learner.conformal import RollingConformal
 
-__all__ = ["CANDIDATES", "Prediction", "ThroughputLearner", "make_classifier", "make_regressor", "STARVED_RATIO"]
+__all__ = ["CANDIDATES", "CAPACITY_KEYS", "CORRECTION_KEYS", "TWIN_KEYS", "CapacityRegressor", "MarginThreshold",
+           "Prediction", "ThroughputLearner", "WindowKNN", "make_classifier", "make_regressor", "STARVED_RATIO"]
 
 STARVED_RATIO = 0.9
 """A run starves when it completes at most this fraction of the offered tokens (1 − ratio ≥ 0.1)."""
@@ -65,11 +76,273 @@ def _bagging(seed: int):
                                      n_models=5, seed=seed)
 
 
+class WindowKNN:
+    """k-nearest-neighbour regressor over the last ``window`` rows, in numpy (river's LazySearch is pure Python and
+    costs ~0.6 ms per query at 1,000 rows; this costs tens of µs).
+
+    Features are ``keys`` of the input dict, standardised by the running mean and deviation of all rows learned; the
+    scaled copy of the window is refreshed every ``refresh`` rows (always during the first 2·``refresh``), so that a
+    query is one matrix-vector product. The prediction is the mean target of the ``k`` nearest rows.
+
+    >>> knn = WindowKNN(("a", "b"), k=2, window=3)
+    >>> knn.predict_one({"a": 0.0, "b": 0.0}) is None
+    True
+    >>> for a, y in [(0.0, 1.0), (1.0, 2.0), (10.0, 5.0), (11.0, 7.0)]:  # the first row leaves the window
+    ...     knn.learn_one({"a": a, "b": 1.0}, y)
+    >>> knn.predict_one({"a": 0.2, "b": 1.0})
+    3.5
+    """
+
+    def __init__(self, keys: Sequence[str], k: int = 5, window: int = 1000, refresh: int = 32) -> None:
+        if k < 1 or window < 1 or refresh < 1:
+            raise ValueError(f"k, window and refresh must be >= 1, got k={k}, window={window}, refresh={refresh}")
+        self.keys = tuple(keys)
+        self.k = k
+        self.window = window
+        self.refresh = refresh
+        d = len(self.keys)
+        self._x = np.zeros((window, d))  # raw rows (ring buffer)
+        self._xs = np.zeros((window, d))  # the same, scaled by _inv
+        self._sq = np.zeros(window)  # squared norms of the scaled rows
+        self._y = np.zeros(window)
+        self._n = 0  # rows held (≤ window)
+        self._pos = 0  # next slot to overwrite
+        self._count = 0  # rows learned in all (for the running moments)
+        self._mean = np.zeros(d)
+        self._m2 = np.zeros(d)
+        self._inv = np.ones(d)
+
+    def __len__(self) -> int:
+        """Rows held (at most ``window``)."""
+        return self._n
+
+    def _vec(self, x: dict) -> np.ndarray:
+        return np.fromiter((x[k] for k in self.keys), float, len(self.keys))
+
+    def _rescale(self) -> None:
+        var = self._m2 / max(1, self._count - 1)
+        self._inv = np.where(var > 0, 1.0 / np.sqrt(np.where(var > 0, var, 1.0)), 0.0)  # constant features weigh 0
+        self._xs[: self._n] = self._x[: self._n] * self._inv
+        self._sq[: self._n] = (self._xs[: self._n] ** 2).sum(axis=1)
+
+    def learn_one(self, x: dict, y: float) -> None:
+        v = self._vec(x)
+        self._count += 1
+        delta = v - self._mean
+        self._mean += delta / self._count
+        self._m2 += delta * (v - self._mean)
+        i = self._pos
+        self._x[i] = v
+        self._y[i] = y
+        self._pos = (i + 1) % self.window
+        self._n = min(self._n + 1, self.window)
+        if self._count <= 2 * self.refresh or self._count % self.refresh == 0:
+            self._rescale()
+        else:
+            self._xs[i] = v * self._inv
+            self._sq[i] = float(self._xs[i] @ self._xs[i])
+
+    def predict_one(self, x: dict) -> float | None:
+        n = self._n
+        if not n:
+            return None
+        if n <= self.k:
+            return float(self._y[:n].mean())
+        q = self._vec(x) * self._inv
+        d2 = self._sq[:n] - 2.0 * (self._xs[:n] @ q)  # squared distance less |q|², the same for every row
+        idx = np.argpartition(d2, self.k - 1)[: self.k]
+        return float(self._y[idx].mean())
+
+
+TWIN_KEYS = ("is_qwen", "log2_served", "log2_max_loras", "max_lora_rank", "twin_gap")
+"""What the residual of the twin is learned on (plus ``head``, the capacity model's own answer)."""
+
+CAPACITY_KEYS = ("is_qwen", "log2_served", "log2_max_loras", "max_lora_rank", "rank_mean", "rank32_share", "rate_cv",
+                 "top_share", "hot_adapters", "cap_gap", "slots_over_served", "log_ideal", "log_cap")
+"""What the capacity correction depends on: the configuration, the adapter mix, the load and how far it is past the
+closed-form capacity (a saturated server's queue, hence its scheduler work, grows with the load)."""
+
+
+class CapacityRegressor:
+    """The log ratio throughput/offered as ``min(log r_free, cap_gap + z(x))``: a run completes its offered load
+    (less a small end-of-window loss ``r_free``) or what the server can do when saturated, whichever is smaller.
+
+    ``cap_gap`` is the closed-form :func:`~adaptwin.learner.features.saturated_capacity` over the offered load (a
+    feature); ``z`` (a regressor on :data:`CAPACITY_KEYS`) learns the log error of that closed form from starved runs
+    (ratio ≤ 0.9, whose throughput *is* the capacity). A run that was not starved only says capacity ≥ throughput
+    (a censored observation): it teaches ``z`` only when ``z`` predicts less than that, plus ``margin``.
+    ``r_free`` is the ratio of runs that were not starved: their running mean, or (``knee_k`` > 0) a k-NN on the
+    predicted headroom, which learns the dip of the ratio when the load nears the capacity.
+
+    Warm start: :meth:`warm_one` trains ``z`` and ``r_free`` (the prior, e.g. twin runs); :meth:`learn_one` after a
+    warm start leaves the prior alone and learns, in the same way, a correction ``dz`` (k-NN on
+    ``correction_keys`` over the last ``correction_window`` observed rows) and the observed ``r_free``: the prior's
+    shape of capacity stays, the deployment's offset is learned from a few rows.
+
+    Twin feature: rows with ``twin_gap`` (the twin's own log ratio for the scenario) also train a k-NN of the twin's
+    residual (on :data:`TWIN_KEYS` + this model's own answer); once it has ``twin_k`` rows, the prediction is the
+    blend of the corrected twin and the model's own answer, weighted by the inverse of each one's squared error
+    over the last 50 rows (both scored before the row is learned). river API otherwise: ``learn_one(x, y)`` with
+    ``y`` the (capped) log ratio.
+
+    >>> from adaptwin.learner.features import Scenario, features
+    >>> reg = CapacityRegressor(WindowKNN(CAPACITY_KEYS, k=1))
+    >>> x = features(Scenario.round_robin("llama-3.1-8b-instruct", [3.2], [8], served=256, max_loras=32))
+    >>> x["cap_gap"] < 0  # 256 adapters at 3.2 req/s: far past the closed-form capacity
+    True
+    >>> reg.learn_one(x, x["cap_gap"] + 0.1)  # it did 10 % better than the closed form
+    >>> round(reg.predict_one(x) - x["cap_gap"], 6)
+    0.1
+    """
+
+    corrects_itself = True
+    """Tells :class:`ThroughputLearner` to call :meth:`learn_one` after a warm start (no outside corrector)."""
+
+    def __init__(self, z_regressor, keys: Sequence[str] = CAPACITY_KEYS, margin: float = 0.03,
+                 correction_k: int = 3, correction_window: int = 200, correction_keys: Sequence[str] | None = None,
+                 knee_k: int = 0, knee_window: int = 1000, twin_k: int = 3, twin_window: int = 200,
+                 twin_keys: Sequence[str] = TWIN_KEYS) -> None:
+        self.z = z_regressor
+        self.keys = tuple(keys)
+        self.margin = margin
+        self.dz = WindowKNN(tuple(correction_keys or keys), k=correction_k, window=correction_window)
+        # the ratio of runs that were not starved: near the knee (load close to capacity) it dips below 1
+        self._free = _FreeRatio(knee_k, knee_window)  # prior (warm) runs
+        self._free_seen = _FreeRatio(knee_k, knee_window)  # observed runs (after a warm start)
+        # rows that carry the twin's own prediction (``twin_gap``): learn the twin's residual instead
+        self.twin = WindowKNN(tuple(twin_keys) + ("head",), k=twin_k, window=twin_window)
+        self._sq_err = (collections.deque(maxlen=50), collections.deque(maxlen=50))  # own, twin: recent errors
+        self.n_warm = 0
+
+    def _zx(self, x: dict) -> dict:
+        return {k: x[k] for k in self.keys} if len(self.keys) < len(x) else x
+
+    @staticmethod
+    def _val(model, zx: dict) -> float:
+        z = model.predict_one(zx)
+        return float(z) if z is not None and math.isfinite(z) else 0.0
+
+    def _combine(self, x: dict, head: float, free: "_FreeRatio") -> float:
+        return min(free.predict(x, head), head)
+
+    def prior_one(self, x: dict) -> float:
+        """The prior alone (what the warm rows taught), or the model itself when there was no warm start."""
+        return self._combine(x, x["cap_gap"] + self._val(self.z, self._zx(x)), self._free)
+
+    def _own(self, x: dict) -> float:
+        """The capacity model's answer (prior + correction), without the twin."""
+        zx = self._zx(x)
+        if not self.n_warm:
+            return self._combine(x, x["cap_gap"] + self._val(self.z, zx), self._free)
+        head = x["cap_gap"] + self._val(self.z, zx) + self._val(self.dz, x)
+        return self._combine(x, head, self._free_seen if self._free_seen.ready else self._free)
+
+    def _twin_x(self, x: dict, own: float) -> dict:
+        return {**{k: x[k] for k in self.twin.keys if k != "head"}, "head": own}
+
+    def _twin_answer(self, x: dict, own: float) -> float | None:
+        if "twin_gap" not in x or len(self.twin) < self.twin.k:
+            return None
+        return min(0.0, x["twin_gap"] + self._val(self.twin, self._twin_x(x, own)))
+
+    def _weight(self) -> float:
+        """Weight of the twin's corrected answer: inverse recent squared error of each answer (0.5 before any)."""
+        if not self._sq_err[0] or not self._sq_err[1]:
+            return 0.5
+        e_own, e_twin = (sum(q) / len(q) + 1e-9 for q in self._sq_err)
+        return (1 / e_twin) / (1 / e_own + 1 / e_twin)
+
+    def predict_one(self, x: dict) -> float:
+        own = self._own(x)
+        twin = self._twin_answer(x, own)
+        if twin is None:
+            return own
+        w = self._weight()
+        return w * twin + (1 - w) * own
+
+    def _learn(self, model, zx: dict, x: dict, y: float, free: "_FreeRatio", offset: float) -> None:
+        z_seen = y - x["cap_gap"] - offset  # log(throughput / closed-form capacity), less the prior's part
+        if math.exp(y) <= STARVED_RATIO:
+            model.learn_one(zx, z_seen)
+            return
+        z_now = self._val(model, zx)
+        free.learn(x, x["cap_gap"] + offset + z_now, y)
+        if z_now < z_seen + self.margin:
+            model.learn_one(zx, z_seen + self.margin)
+
+    def warm_one(self, x: dict, y: float) -> None:
+        self._learn(self.z, self._zx(x), x, y, self._free, 0.0)
+        self.n_warm += 1
+
+    def learn_one(self, x: dict, y: float) -> None:
+        if "twin_gap" in x:
+            own = self._own(x)
+            twin = self._twin_answer(x, own)
+            if twin is not None:  # both answers scored on rows before they are learned
+                for q, v in zip(self._sq_err, (own, twin)):
+                    q.append((y - v) ** 2)
+            self.twin.learn_one(self._twin_x(x, own), y - x["twin_gap"])
+        zx = self._zx(x)
+        if self.n_warm:
+            self._learn(self.dz, x, x, y, self._free_seen, self._val(self.z, zx))
+        else:
+            self._learn(self.z, zx, x, y, self._free, 0.0)
+
+
+class _FreeRatio:
+    """Log ratio of runs that were not starved: the running mean (``k`` = 0), or a k-NN on the predicted headroom
+    (log capacity − log offered), the model and the offered load, which learns the dip near the knee."""
+
+    _KEYS = ("headroom", "is_qwen", "log_ideal")
+
+    def __init__(self, k: int, window: int) -> None:
+        self.total, self.n = 0.0, 0
+        self.knn = WindowKNN(self._KEYS, k=k, window=window) if k else None
+
+    @property
+    def ready(self) -> bool:
+        return self.n >= (self.knn.k if self.knn else 1)
+
+    def _q(self, x: dict, head: float) -> dict:
+        return {"headroom": head, "is_qwen": x["is_qwen"], "log_ideal": x["log_ideal"]}
+
+    def predict(self, x: dict, head: float) -> float:
+        if not self.n:
+            return -0.01
+        if self.knn is not None and self.n >= self.knn.k:
+            return self.knn.predict_one(self._q(x, head))
+        return self.total / self.n
+
+    def learn(self, x: dict, head: float, y: float) -> None:
+        self.total += y
+        self.n += 1
+        if self.knn is not None:
+            self.knn.learn_one(self._q(x, head), y)
+
+
+CORRECTION_KEYS = ("is_qwen", "log2_served", "log2_max_loras", "max_lora_rank")
+"""What the correction of a warm prior is learned on: the deployment's offset is a matter of configuration."""
+
+
+def _capacity_knn(seed: int):
+    return CapacityRegressor(WindowKNN(CAPACITY_KEYS, k=4, window=2000), knee_k=5, correction_keys=CORRECTION_KEYS)
+
+
+def _capacity_tree(seed: int):
+    from river import preprocessing, tree
+
+    return CapacityRegressor(preprocessing.StandardScaler()
+                             | tree.HoeffdingAdaptiveTreeRegressor(grace_period=50, seed=seed), knee_k=5,
+                             correction_keys=CORRECTION_KEYS)
+
+
 CANDIDATES: dict[str, Callable[[int], object]] = {
     "linear": _linear,  # StandardScaler | LinearRegression: the baseline
     "hoeffding": _hoeffding,  # HoeffdingAdaptiveTreeRegressor: one adaptive tree
     "arf": _arf,  # ARFRegressor (10 trees): a random forest with drift detectors
     "bagging": _bagging,  # BaggingRegressor of 5 Hoeffding trees (online bagging)
+    "capacity": _capacity_knn,  # min(offered, closed-form capacity × learned correction), correction by numpy k-NN
+    "capacity_tree": _capacity_tree,  # the same, correction by a Hoeffding adaptive tree
 }
 """Regressor families compared by prequential error (name -> factory taking a seed)."""
 
@@ -96,6 +369,54 @@ def _make_corrector(window: int):
         n_neighbors=3, engine=neighbors.LazySearch(window_size=window))
 
 
+class MarginThreshold:
+    """Starvation from the margin of the predicted ratio: starved ⇔ predicted log ratio ≤ τ, with τ the cut that
+    maximises F1 over the last ``window`` rows seen (predicted log ratio, label), within [log 0.7, log 1].
+
+    A model that is biased near the knee (e.g. predicts 0.93 for runs that complete 0.88) keeps its throughput error
+    but no longer mislabels them. Warm rows set τ until ``min_rows`` observed rows are in.
+
+    >>> m = MarginThreshold()
+    >>> round(math.exp(m.value), 3)
+    0.9
+    >>> for pred, starved in [(-0.02, 0), (-0.06, 1), (-0.07, 1), (-0.03, 0), (-0.5, 1)] * 5:
+    ...     m.update(pred, starved)
+    >>> -0.06 <= m.value < -0.03
+    True
+    """
+
+    def __init__(self, window: int = 300, min_rows: int = 20) -> None:
+        self.window = window
+        self.min_rows = min_rows
+        self._warm: list[tuple[float, int]] = []
+        self._seen: list[tuple[float, int]] = []
+        self.value = math.log(STARVED_RATIO)
+
+    def update(self, pred_log_ratio: float, starved: int, warm: bool = False) -> None:
+        rows = self._warm if warm else self._seen
+        rows.append((pred_log_ratio, int(starved)))
+        if len(rows) > self.window:
+            del rows[0]
+        use = self._seen if len(self._seen) >= self.min_rows else self._warm
+        if use is rows and any(s for _, s in rows):
+            self.value = self._best(rows)
+
+    @staticmethod
+    def _best(rows: list[tuple[float, int]]) -> float:
+        pred = np.array([p for p, _ in rows])
+        lab = np.array([s for _, s in rows], float)
+        order = np.argsort(pred, kind="stable")
+        pred, lab = pred[order], lab[order]
+        tp = np.cumsum(lab)  # predict starved for the first i+1 rows (lowest ratios)
+        f1 = 2 * tp / (np.arange(1, len(pred) + 1) + lab.sum())
+        ok = (pred >= math.log(0.7)) & (pred <= 0.0)  # a cut far from 0.9 is noise, not a threshold
+        if not ok.any():
+            return math.log(STARVED_RATIO)
+        i = int(np.argmax(np.where(ok, f1, -1.0)))
+        nxt = pred[i + 1] if i + 1 < len(pred) else 0.0
+        return float(min(0.0, (pred[i] + nxt) / 2))
+
+
 @dataclass(frozen=True)
 class Prediction:
     """What the learner says about one scenario."""
@@ -113,6 +434,9 @@ class Prediction:
     """1 when the predicted ratio is ≤ 0.9."""
     starvation_prob: float | None
     """The dedicated classifier's P(starved); None without a classifier."""
+
+    starved_margin: int | None = None
+    """1 when the predicted log ratio is at or below the learned threshold (:class:`MarginThreshold`)."""
 
     @property
     def starved_classifier(self) -> int:
@@ -138,6 +462,8 @@ class ThroughputLearner:
         self.conformal = RollingConformal(alpha=alpha, window=window)
         self.n_warm = 0
         self.n_learned = 0
+        self._last: tuple | None = None  # (x, _log_ratio(x)) of the last prediction
+        self.margin = MarginThreshold()
 
     # ---- internals --------------------------------------------------------------------------------------------
     @staticmethod
@@ -149,9 +475,13 @@ class ThroughputLearner:
         offered = math.exp(x["log_ideal"])
         return math.log(min(max(throughput / offered, _FLOOR), 1.0)) if offered > 0 else 0.0
 
+    @property
+    def _self_correcting(self) -> bool:
+        return bool(getattr(self.regressor, "corrects_itself", False))
+
     def prior_log_ratio(self, x: dict) -> float:
         """The warm (prior) regressor's log ratio alone, capped at 0."""
-        y = self.regressor.predict_one(x)
+        y = self.regressor.prior_one(x) if self._self_correcting else self.regressor.predict_one(x)
         return min(0.0, float(y)) if y is not None and math.isfinite(y) else 0.0
 
     def _corrector_x(self, x: dict, prior: float) -> dict:
@@ -160,6 +490,10 @@ class ThroughputLearner:
         return out
 
     def _log_ratio(self, x: dict) -> tuple[float, float]:
+        if self._self_correcting:  # prior and correction in one model: one query
+            y = self.regressor.predict_one(x)
+            y = float(y) if y is not None and math.isfinite(y) else 0.0
+            return y, max(math.log(_FLOOR), min(0.0, y))
         prior = self.prior_log_ratio(x)
         y = prior
         if self.n_warm and self.corrector is not None and self.n_learned:
@@ -169,9 +503,17 @@ class ThroughputLearner:
         return prior, max(math.log(_FLOOR), min(0.0, y))
 
     # ---- API --------------------------------------------------------------------------------------------------
+    def _log_ratio_cached(self, x: dict) -> tuple[float, float]:
+        """``_log_ratio`` of the row just predicted (predict, then learn the same row: one model query, not two)."""
+        last, self._last = self._last, None
+        if last is not None and last[0] is x:
+            return last[1]
+        return self._log_ratio(x)
+
     def predict_one(self, x: dict) -> Prediction:
         offered = self._offered(x)
         prior, y = self._log_ratio(x)
+        self._last = (x, (prior, y))
         thr = offered * math.exp(y)
         hw = self.conformal.half_width()
         low, high = (thr, thr) if hw is None else (offered * math.exp(y - hw), offered * math.exp(y + hw))
@@ -179,26 +521,34 @@ class ThroughputLearner:
         if self.classifier is not None:
             proba = self.classifier.predict_proba_one({**x, "pred_log_ratio": y})
             prob = float(proba.get(1, 0.0)) if proba else 0.0
-        return Prediction(thr, low, high, offered, y, int(math.exp(y) <= STARVED_RATIO), prob)
+        return Prediction(thr, low, high, offered, y, int(math.exp(y) <= STARVED_RATIO), prob,
+                          int(y <= self.margin.value))
 
     def warm_one(self, x: dict, throughput: float, starved: int) -> None:
         """Learn one twin run (prior regressor and classifier)."""
+        self._last = None
         y = self._target(x, throughput)
+        prior = self.prior_log_ratio(x)  # before learning the row: the threshold sees honest predictions
+        self.margin.update(prior, starved, warm=True)
         if self.classifier is not None:
-            self.classifier.learn_one({**x, "pred_log_ratio": self.prior_log_ratio(x)}, int(starved))
-        self.regressor.learn_one(x, y)
+            self.classifier.learn_one({**x, "pred_log_ratio": prior}, int(starved))
+        if self._self_correcting:
+            self.regressor.warm_one(x, y)
+        else:
+            self.regressor.learn_one(x, y)
         self.n_warm += 1
 
     def learn_one(self, x: dict, throughput: float, starved: int) -> None:
         """Learn one observed run: the corrector after a warm start, the regressor itself otherwise."""
         y = self._target(x, throughput)
-        prior, pred = self._log_ratio(x)
+        prior, pred = self._log_ratio_cached(x)
         offered = self._offered(x)
         # residual of the uncapped ratio: a run may complete slightly more than the mean offered load
         self.conformal.update(math.log(max(throughput / offered, _FLOOR)) - pred if offered > 0 else 0.0)
+        self.margin.update(pred, starved)
         if self.classifier is not None:
             self.classifier.learn_one({**x, "pred_log_ratio": pred}, int(starved))
-        if self.n_warm and self.corrector is not None:
+        if self.n_warm and self.corrector is not None and not self._self_correcting:
             self.corrector.learn_one(self._corrector_x(x, prior), y - prior)
         else:
             self.regressor.learn_one(x, y)

@@ -7,6 +7,10 @@
   {8, 16, 32, 64, 128, 192, 256, 320, 384}, max_loras ≤ served) for each of the dataset's workloads, in a seeded
   random order, on ``jobs`` processes, until ``budget_s`` seconds are spent; results are cached (one JSON line per
   run, keyed by the scenario) so a second evaluation costs nothing.
+* :func:`twin_predictions` runs the twin on the dataset's *own* scenarios (inputs only), for the ``twin_gap``
+  feature: the learner then corrects the twin instead of replacing it. ``calibration=DIR`` fits the twin's profile
+  from the profiling CSVs alone (no LoRA terms refitted on real runs), which is what an honest evaluation on real
+  runs needs: the shipped profiles' LoRA terms were fitted on the 294 real runs (``twin/real_params.json``).
 """
 
 from __future__ import annotations
@@ -24,7 +28,8 @@ from typing import Iterable, Sequence
 from adaptwin.learner.dataset import Run
 from adaptwin.learner.features import Scenario
 
-__all__ = ["PAPER_GRID", "select_warm_runs", "twin_grid", "twin_warm_runs", "run_twin"]
+__all__ = ["PAPER_GRID", "select_warm_runs", "twin_grid", "twin_warm_runs", "twin_predictions", "run_twin",
+           "calibration_profiles"]
 
 log = logging.getLogger("adaptwin.learner.warmstart")
 
@@ -66,28 +71,39 @@ def twin_grid(dataset: Iterable[Run], grid: Sequence[int] = PAPER_GRID) -> list[
     return out
 
 
-def _key(s: Scenario, seed: int) -> str:
+def _key(s: Scenario, seed: int, tag: str = "") -> str:
     text = json.dumps([s.model, s.rates, s.ranks, s.served, s.max_loras, s.max_lora_rank, s.duration_s, seed])
+    if tag:  # a non-default profile: its runs must not be mistaken for the shipped profile's
+        text += "|" + tag
     return hashlib.sha256(text.encode()).hexdigest()[:20]
 
 
-def run_twin(s: Scenario, seed: int = 0) -> dict | None:
+def calibration_profiles(calibration: str | Path, models: Iterable[str]) -> dict:
+    """Twin profiles fitted from the profiling CSVs in ``calibration`` alone (``adaptwin twin fit`` without
+    ``--real-params``), one per model."""
+    from adaptwin.profiler.fit import fit_profile
+    from adaptwin.twin.profile import Profile
+
+    return {m: Profile.from_dict(fit_profile(calibration, m)) for m in sorted(set(models))}
+
+
+def run_twin(s: Scenario, seed: int = 0, profile=None) -> dict | None:
     """One twin run of ``s`` (the paper's workload): its summary, or None when the twin refuses the configuration
-    (e.g. no KV cache left for that many slots)."""
+    (e.g. no KV cache left for that many slots). ``profile``: a twin Profile (default: the shipped one)."""
     from adaptwin.twin.runner import run_scenario
 
     try:
         res = run_scenario(s.model, list(s.rates), list(s.ranks), s.served, s.max_loras, s.max_lora_rank,
-                           s.duration_s, seed=seed)
+                           s.duration_s, seed=seed, profile=profile)
     except ValueError as err:  # ConfigError / ProfileError are ValueErrors
         log.debug("twin refused %s: %s", s, err)
         return None
     return res.summary()
 
 
-def _run_keyed(args: tuple[str, Scenario, int]) -> tuple[str, dict | None]:
-    key, s, seed = args
-    return key, run_twin(s, seed)
+def _run_keyed(args: tuple) -> tuple[str, dict | None]:
+    key, s, seed, profile = args
+    return key, run_twin(s, seed, profile)
 
 
 def twin_warm_runs(dataset: Sequence[Run], budget_s: float = 300.0, jobs: int = 1, seed: int = 0,
@@ -96,6 +112,41 @@ def twin_warm_runs(dataset: Sequence[Run], budget_s: float = 300.0, jobs: int = 
     free). Returns them as :class:`Run` records (in the grid's shuffled order)."""
     scenarios = twin_grid(dataset, grid)
     random.Random(seed).shuffle(scenarios)
+    done = _run_budgeted(scenarios, budget_s, jobs, seed, cache, None, "")
+    out = []
+    for s in scenarios:
+        summary = done.get(_key(s, seed))
+        if summary:
+            out.append(Run(s, float(summary["total_throughput"]), int(summary["starved"])))
+    log.info("twin warm start: %d runs", len(out))
+    return out
+
+
+def twin_predictions(dataset: Sequence[Run], budget_s: float = 600.0, jobs: int = 1, seed: int = 0,
+                     cache: str | Path | None = None, calibration: str | Path | None = None) -> dict[Scenario, float]:
+    """The twin's total throughput for each distinct scenario of ``dataset`` (inputs only; outcomes unread), within
+    ``budget_s`` (cached runs are free). Scenarios the twin refuses or the budget leaves out are absent: the
+    learner then goes without the ``twin_gap`` feature for them. ``calibration``: fit the profiles from that folder
+    of profiling CSVs instead of using the shipped ones."""
+    scenarios = list(dict.fromkeys(r.scenario for r in dataset))
+    profiles, tag = {}, ""
+    if calibration is not None:
+        profiles = calibration_profiles(calibration, {s.model for s in scenarios})
+        tag = "calibration-only"
+    done = _run_budgeted(scenarios, budget_s, jobs, seed, cache, profiles, tag)
+    out = {}
+    for s in scenarios:
+        summary = done.get(_key(s, seed, tag))
+        if summary:
+            out[s] = float(summary["total_throughput"])
+    log.info("twin predictions: %d of %d scenarios", len(out), len(scenarios))
+    return out
+
+
+def _run_budgeted(scenarios: Sequence[Scenario], budget_s: float, jobs: int, seed: int, cache: str | Path | None,
+                  profiles: dict | None, tag: str) -> dict[str, dict | None]:
+    """Summaries of twin runs of ``scenarios`` by key: cached ones, then new ones (in order, on ``jobs`` processes)
+    until ``budget_s`` is spent; new ones are appended to ``cache``."""
     done: dict[str, dict | None] = {}
     cache_path = Path(cache) if cache else None
     if cache_path and cache_path.exists():
@@ -105,9 +156,9 @@ def twin_warm_runs(dataset: Sequence[Run], budget_s: float = 300.0, jobs: int = 
                 done[item["key"]] = item["summary"]
             except (ValueError, KeyError):
                 continue
-    todo = [(_key(s, seed), s, seed) for s in scenarios]
+    todo = [(_key(s, seed, tag), s, seed, (profiles or {}).get(s.model)) for s in scenarios]
     todo = [t for t in todo if t[0] not in done]
-    log.info("twin warm start: %d grid points, %d cached, budget %.0f s on %d process(es)",
+    log.info("twin runs: %d scenarios, %d cached, budget %.0f s on %d process(es)",
              len(scenarios), len(scenarios) - len(todo), budget_s, jobs)
     deadline = time.monotonic() + budget_s
     new: dict[str, dict | None] = {}
@@ -140,16 +191,10 @@ def twin_warm_runs(dataset: Sequence[Run], budget_s: float = 300.0, jobs: int = 
                 for key, summary in new.items():
                     fh.write(json.dumps({"key": key, "summary": summary}) + "\n")
     done.update(new)
-    out = []
-    for s in scenarios:
-        summary = done.get(_key(s, seed))
-        if summary:
-            out.append(Run(s, float(summary["total_throughput"]), int(summary["starved"])))
-    log.info("twin warm start: %d runs (%d new)", len(out), sum(1 for v in new.values() if v))
     if len(todo) > len(new):
-        log.warning("twin warm start: budget spent after %d of %d new grid points; raise --twin-budget to run more",
+        log.warning("twin runs: budget spent after %d of %d new scenarios; raise --twin-budget to run more",
                     len(new), len(todo))
-    return out
+    return done
 
 
 def default_cache() -> Path:

@@ -29,6 +29,10 @@ __all__ = ["fit_profile", "write_profile", "FitError"]
 DEFAULT_MAX_MODEL_LEN = {"llama-3.1-8b-instruct": 131072, "qwen-2.5-7b-instruct": 32768}
 #: mean prompt tokens of the ShareGPT pool (twin/lengths), used to estimate prefill work in the scheduler runs.
 POOL_MEAN_PROMPT = 221.0
+#: mean context a decoding ShareGPT request attends to (prompt + output/2, weighted by output: twin/lengths)
+POOL_DECODE_CONTEXT = 362.0
+#: the GPU measurement that prices attention over the context (decode ITL vs context length at a fixed batch)
+KV_READ_SOURCE = Path(__file__).resolve().parent / "measured" / "h100" / "gpu_profile_fragment.json"
 
 
 class FitError(ValueError):
@@ -67,16 +71,44 @@ def _errors(y: np.ndarray, p: np.ndarray) -> dict[str, float]:
             "r2": float(1 - np.sum(err ** 2) / max(np.sum((y - y.mean()) ** 2), 1e-12))}
 
 
-def fit_decode(rows: list[dict], model: str) -> tuple[dict, dict]:
+def kv_read_term(model: str, source: Path | None = KV_READ_SOURCE) -> tuple[float, dict]:
+    """Attention cost per 1000 context tokens of a decode step (ms), from a GPU measurement of decode ITL against
+    context length at a fixed batch (``profiler/gpu_measure.py``); 0 when no measurement is there."""
+    if source is None:
+        return 0.0, {"form": "off: 0 (the measured value is in profiler/measured/h100; docs/twin.md §Fidelity)"}
+    if not Path(source).is_file():
+        return 0.0, {"form": "not measured: 0", "source": str(source)}
+    frag = json.loads(Path(source).read_text())
+    m = frag.get("models", {}).get(model, {})
+    dvc = m.get("default_latency", {}).get("decode_vs_context")
+    batch = m.get("attention", {}).get("decode_probe_shape", {}).get("batch", 64)
+    if not dvc:
+        return 0.0, {"form": "not measured: 0", "source": str(source)}
+    per_ktoken = float(dvc["constant_0"]) / batch * 1000.0
+    return per_ktoken, {
+        "form": "kv_read_ms_per_ktoken = d(ITL)/d(context) at batch B / B * 1000 (decode attention reads every "
+                "context token's K and V once per step: memory-bound, linear in the batch's context tokens)",
+        "source": f"{Path(source).parent.name}/{Path(source).name} ({frag.get('metadata', {}).get('gpu_name', '?')}, "
+                  f"torch, contiguous KV; batch {batch})", "r2": float(dvc.get("r2", math.nan)),
+        "n": int(dvc.get("n_points", 0))}
+
+
+def fit_decode(rows: list[dict], model: str, kv_read: float = 0.0) -> tuple[dict, dict]:
+    """``ITL = base + decode·N + kv_read·N·context``: the decode runs (prompt of I tokens, O output tokens) hold a mean
+    context of I + (O+1)/2 tokens per request, so their attention share is removed before the linear fit — the
+    twin prices the context of its own requests (ShareGPT: ~360 tokens) with ``kv_read_ms_per_ktoken``."""
     pts = [r for r in rows if r["model"] == model and r["experiment"] == "decode" and r["status"] == "ok"]
     if len(pts) < 3:
         raise FitError(f"est_default_latency.csv has {len(pts)} decode points for {model}; need >= 3")
     n = np.array([_f(r, "mean_batch_size") for r in pts])
+    ctx = np.array([_f(r, "set_input_length") + (_f(r, "set_output_length") + 1) / 2 for r in pts])
+    attn = kv_read * 1e-3 * n * ctx
     y = np.array([_f(r, "mean_itl_ms") for r in pts])
-    coef = _lstsq(np.c_[np.ones_like(n), n], y)
+    coef = _lstsq(np.c_[np.ones_like(n), n], y - attn)
     return ({"base_ms": coef[0], "decode_ms_per_seq": coef[1]},
-            {"form": "itl_ms = base_ms + decode_ms_per_seq * mean_batch_size (no LoRA, input 1 token)",
-             "source": "est_default_latency.csv experiment=decode", **_errors(y, coef[0] + coef[1] * n)})
+            {"form": "itl_ms = base_ms + decode_ms_per_seq * mean_batch_size + kv_read * mean_batch_size * context "
+                     "(no LoRA, context = input + (output+1)/2)",
+             "source": "est_default_latency.csv experiment=decode", **_errors(y, coef[0] + coef[1] * n + attn)})
 
 
 def fit_prefill(rows: list[dict], model: str) -> tuple[dict, dict]:
@@ -92,7 +124,8 @@ def fit_prefill(rows: list[dict], model: str) -> tuple[dict, dict]:
              "source": "est_default_latency.csv experiment=prefill", **_errors(dur, coef[0] + coef[1] * tok)})
 
 
-def fit_lora(rows: list[dict], sched_rows: list[dict], model: str, decode: dict, prefill: dict) -> tuple[dict, dict]:
+def fit_lora(rows: list[dict], sched_rows: list[dict], model: str, decode: dict, prefill: dict,
+             kv_read: float = 0.0) -> tuple[dict, dict]:
     """LoRA cost above the no-LoRA step: ``lora_base + lora_seq·N + lora_adapter·A`` (ms).
 
     Points: the overhead runs (N≈200 decodes, A = distinct adapters per step from the server log) and the light-load
@@ -107,13 +140,16 @@ def fit_lora(rows: list[dict], sched_rows: list[dict], model: str, decode: dict,
         if math.isnan(a):
             continue
         n = _f(r, "mean_batch_size")
-        xs.append((1.0, n, a)); ys.append(_f(r, "mean_itl_ms") - (base + per_seq * n)); tags.append("overhead")
+        attn = kv_read * 1e-3 * n * (_f(r, "set_input_length") + (_f(r, "set_output_length") + 1) / 2)
+        xs.append((1.0, n, a)); ys.append(_f(r, "mean_itl_ms") - (base + per_seq * n + attn)); tags.append("overhead")
     for r in sched_rows:
         n, w, a = _f(r, "avg_batch_size"), _f(r, "avg_waiting_queue"), _f(r, "mean_loras_by_batch")
         if not (w < 1.0 and n < 30 and a > 0 and _f(r, "steps") > 0):
             continue
         prefill_ms = _f(r, "completed_requests") * POOL_MEAN_PROMPT * per_tok / _f(r, "steps")
-        xs.append((1.0, n, a)); ys.append(_f(r, "mean_itl_ms") - (base + per_seq * n) - prefill_ms); tags.append("light")
+        attn = kv_read * 1e-3 * n * POOL_DECODE_CONTEXT
+        xs.append((1.0, n, a)); ys.append(_f(r, "mean_itl_ms") - (base + per_seq * n + attn) - prefill_ms)
+        tags.append("light")
     if len(xs) < 4:
         raise FitError(f"too few LoRA overhead points for {model} ({len(xs)})")
     x, y = np.array(xs), np.array(ys)
@@ -180,19 +216,31 @@ def fit_kv(rows: list[dict], model: str) -> tuple[dict, dict]:
 
 
 def fit_profile(calibration: str | Path, model: str, gpu: str = "h100-64gb", *,
-                max_model_len: int | None = None, real_params: dict[str, Any] | None = None) -> dict[str, Any]:
+                max_model_len: int | None = None, real_params: dict[str, Any] | None = None,
+                kv_read_source: Path | None = None) -> dict[str, Any]:
     """The profile dict for ``model`` from the CSVs in ``calibration`` (see the module docstring)."""
     cal = Path(calibration)
     if not cal.is_dir():
         raise FitError(f"calibration folder {cal} does not exist")
+    if (cal / "profile_vllm.json").is_file():  # written by `adaptwin profile vllm`: stock-vLLM forms, own module
+        from adaptwin.profiler.vllm_profile_fit import fit_vllm_profile
+
+        return fit_vllm_profile(cal, model, gpu, max_model_len=max_model_len)
     lat = _read(cal / "est_default_latency.csv")
     if not any(r["model"] == model for r in lat):
         known = sorted({r["model"] for r in lat})
         raise FitError(f"no calibration data for model {model!r} in {cal}; it has {', '.join(known)}")
     sched_rows = _read(cal / "est_scheduler_overhead.csv")
-    decode, decode_fit = fit_decode(lat, model)
+    # The attention term is measured (kv_read_source=KV_READ_SOURCE) but off in the shipped profiles: with the LoRA
+    # terms fitted on the real runs' gauges it made the cross-validated throughput worse (docs/twin.md §Fidelity).
+    # A real-params file can set it ("kv_read_ms_per_ktoken"); the decode fit then prices it too.
+    if kv_read_source is None and "kv_read_ms_per_ktoken" in (real_params or {}):
+        kv_read, kv_read_fit = float(real_params["kv_read_ms_per_ktoken"]), {"form": "set by --real-params"}
+    else:
+        kv_read, kv_read_fit = kv_read_term(model, kv_read_source)
+    decode, decode_fit = fit_decode(lat, model, kv_read)
     prefill, prefill_fit = fit_prefill(lat, model)
-    lora, lora_fit = fit_lora(_read(cal / "est_latency_overhead.csv"), sched_rows, model, decode, prefill)
+    lora, lora_fit = fit_lora(_read(cal / "est_latency_overhead.csv"), sched_rows, model, decode, prefill, kv_read)
     sched, sched_fit = fit_scheduler(sched_rows)
     loading, loading_fit = fit_loading(_read(cal / "est_loading_time.csv"), model)
     kv, kv_fit = fit_kv(_read(cal / "est_kv_capacity.csv"), model)
@@ -205,15 +253,17 @@ def fit_profile(calibration: str | Path, model: str, gpu: str = "h100-64gb", *,
     if mml is None:
         raise FitError(f"max_model_len of {model!r} is not known; pass --max-model-len")
     real = dict(real_params or {})
+    early_stop = float(real.pop("early_stop_fraction", 0.0))
     step = {**decode, **prefill, **lora,
             "lora_ms_per_prefill_token": float(real.pop("lora_ms_per_prefill_token", 0.0)),
             "lora_ms_per_adapter_ktoken": float(real.pop("lora_ms_per_adapter_ktoken", 0.0)),
-            "lora_rank_slope": float(real.pop("lora_rank_slope", 0.0))}
+            "lora_rank_slope": float(real.pop("lora_rank_slope", 0.0)), "kv_read_ms_per_ktoken": kv_read}
     for key in list(real):
         if key in step:
             step[key] = float(real.pop(key))
     sources = {
         "base_ms": "decode fit", "decode_ms_per_seq": "decode fit", "prefill_ms_per_token": "prefill fit",
+        "kv_read_ms_per_ktoken": "GPU measurement (kv_read fit)" if kv_read else "off: 0 (see fits.kv_read)",
         **{k: ("real runs (--real-params), replacing the lora fit" if real_params and k in real_params else "lora fit")
            for k in ("lora_base_ms", "lora_ms_per_seq", "lora_ms_per_adapter")},
         "lora_ms_per_prefill_token": "real runs (--real-params)" if real_params and "lora_ms_per_prefill_token" in real_params else "not identifiable from profiling: 0",
@@ -230,7 +280,7 @@ def fit_profile(calibration: str | Path, model: str, gpu: str = "h100-64gb", *,
                  "gpu_memory_utilization": 0.9, "block_size": 16, "max_num_batched_tokens": 2048,
                  "max_num_seqs": 2048, "prefix_caching": False, "calibration": str(cal.name),
                  "fitted_by": "adaptwin twin fit (adaptwin.profiler.fit)", "sources": sources,
-                 "fits": {"decode": decode_fit, "prefill": prefill_fit, "lora": lora_fit, "scheduler": sched_fit,
+                 "fits": {"kv_read": kv_read_fit, "decode": decode_fit, "prefill": prefill_fit, "lora": lora_fit, "scheduler": sched_fit,
                           "loading": loading_fit, "kv_capacity": kv_fit}},
         "step_time": {k: float(v) for k, v in step.items()},
         "scheduler": {k: float(v) for k, v in sched.items()},
@@ -238,6 +288,9 @@ def fit_profile(calibration: str | Path, model: str, gpu: str = "h100-64gb", *,
         "kv_capacity": kv,
         "limits": {"max_model_len": int(mml), "client_max_waiting": client_cap},
         "families": {"lora": {"compute_scale": 1.0}},
+        "generation": {"early_stop_fraction": early_stop,
+                       "source": "real runs (--real-params): output tokens generated / max_tokens sent"
+                       if "early_stop_fraction" in (real_params or {}) else "not measured: 0"},
     }
 
 

@@ -1,5 +1,5 @@
-"""Commands of the replay part: ``adaptwin replay`` (this module); ``twin serve`` and ``twin worker`` register
-their own parsers next to it (one ``_add_*`` helper per command). Heavy imports happen when a command runs."""
+"""Commands of the replay part: ``adaptwin replay`` (this module); ``twin serve``, ``sweep`` and ``twin worker``
+register their own parsers next to it (one ``_add_*`` helper per command). Heavy imports happen when a command runs."""
 
 from __future__ import annotations
 
@@ -22,6 +22,10 @@ def register(sub, twin) -> None:
             raise
     else:
         register_serve(twin)
+    from adaptwin.replay.sweep_cli import register_sweep, register_worker  # `sweep`, `twin worker`: their own module
+
+    register_sweep(sub)
+    register_worker(twin)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -35,6 +39,9 @@ def _add_replay(sub) -> None:
     p.add_argument("--backend", choices=["twin", "vllm"], default="twin")
     p.add_argument("--url", default=None, help="vLLM server (backend vllm), e.g. http://127.0.0.1:8000")
     p.add_argument("--speedup", type=float, default=1.0, help="backend vllm: trace seconds per wall second")
+    p.add_argument("--token-ids", type=int_list, default=None, metavar="LO,HI",
+                   help="backend vllm: prompts are random token ids in [LO, HI) (default 100,500; a small "
+                        "vocabulary, e.g. the tiny CPU model's 480, needs a lower HI)")
     src = p.add_argument_group("input (one of)")
     src.add_argument("--run-id-in", default=None, metavar="RUN", help="ingest run id to replay from adaptwin.requests")
     src.add_argument("--source", default=None, metavar="FILE",
@@ -77,6 +84,8 @@ def _add_replay(sub) -> None:
     clock.add_argument("--flush-records", type=int, default=5000, metavar="N",
                        help="records buffered before they are sent inside the open transaction (default 5000)")
     p.add_argument("--dry-run", action="store_true", help="send nothing to Kafka; print the summary only")
+    p.add_argument("--windows-out", default=None, metavar="FILE",
+                   help="with --dry-run: also write the window records (adaptwin.windows) as JSON lines to FILE")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="print the summary as one JSON line (last line of stdout)")
     add_kafka_args(p)
@@ -136,6 +145,13 @@ def _replay(args: argparse.Namespace) -> int:
     finally:
         if source is not None:
             source.close()
+    if args.windows_out:
+        if not args.dry_run:
+            raise UserError("--windows-out needs --dry-run (otherwise the windows are in adaptwin.windows)")
+        import json
+
+        with open(args.windows_out, "w") as f:
+            f.writelines(json.dumps(w, default=str) + "\n" for w in emitter.windows)
     return _report(args, summary)
 
 
@@ -166,7 +182,12 @@ def _backend(args: argparse.Namespace):
     except ModuleNotFoundError as err:
         raise UserError(f"the vllm backend is not available in this build ({err})") from None
     api_key = os.environ.get("ADAPTWIN_API_KEY") or os.environ.get("OPENAI_API_KEY")
-    return VllmBackend(url=args.url, speedup=args.speedup, api_key=api_key)
+    kw = {}
+    if args.token_ids is not None:
+        if len(args.token_ids) != 2 or not 0 <= args.token_ids[0] < args.token_ids[1]:
+            raise UserError(f"--token-ids needs LO,HI with 0 <= LO < HI, got {args.token_ids}")
+        kw["token_ids"] = tuple(args.token_ids)
+    return VllmBackend(url=args.url, speedup=args.speedup, api_key=api_key, **kw)
 
 
 def _emitter(args: argparse.Namespace, bootstrap: str, run_id: str, group_id: str):

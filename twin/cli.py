@@ -29,7 +29,9 @@ def register(sub, twin) -> None:
     run.add_argument("--max-num-seqs", type=int, default=2048, help="vLLM --max-num-seqs (default 2048, as the paper)")
     run.add_argument("--max-num-batched-tokens", type=int, default=2048, help="step token budget (default 2048)")
     run.add_argument("--max-model-len", type=int, default=None, help="context limit (default the model's)")
-    run.add_argument("--adapter-family", default="lora", choices=("lora", "parallel", "series", "fused"))
+    run.add_argument("--adapter-family", default="lora", choices=("lora", "parallel", "series", "fused"),
+                     help="price the LoRA step terms for this adapter family from the profile's adapter_family "
+                          "table (docs/adapters.md; default lora)")
     run.add_argument("--window", type=float, default=60.0, help="statistics window (s)")
     run.add_argument("--requests-out", default=None, help="write per-request table (Parquet)")
     run.add_argument("--windows-out", default=None, help="write per-window table (Parquet)")

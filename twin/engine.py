@@ -91,9 +91,12 @@ class Engine:
         st = prof.step
         lscale = st.rank_factor(config.max_lora_rank) * prof.family_scale(config.adapter_family)
         self._c_base, self._c_dec, self._c_pre = st.base_ms, st.decode_ms_per_seq, st.prefill_ms_per_token
+        self._c_kv = st.kv_read_ms_per_ktoken * 1e-3  # ms per context token a decoder attends to
         self._l_base, self._l_dec = lscale * st.lora_base_ms, lscale * st.lora_ms_per_seq
         self._l_pre, self._l_ad = lscale * st.lora_ms_per_prefill_token, lscale * st.lora_ms_per_adapter
         self._l_adk = lscale * st.lora_ms_per_adapter_ktoken * 1e-3
+        # adapter family: LoRA terms x a measured multiplier per distinct-adapter count (all 1.0 for lora: exact)
+        self._fam = prof.family_multipliers(config.adapter_family, config.max_lora_rank, config.max_loras)
         self._s_base, self._s_run = prof.sched_base_ms, prof.sched_ms_per_running
         self._s_wait = prof.sched_ms_per_waiting_skipped  # per waiting request skipped (batch at max_loras)
         self._load_ms = [prof.load_ms(config.max_lora_rank, r) for r in config.adapter_ranks]
@@ -120,6 +123,7 @@ class Engine:
         self.running: dict[int, None] = {}  # admission order (preemption pops the newest)
         self.prefilling: list[int] = []  # running requests with prompt tokens left, admission order
         self.n_decode = 0
+        self._off_sum = 0  # Σ offsets of the decoders: their context tokens are _off_sum + n_decode·S
         self._phase = [0] * bs  # decoders by (off mod block_size)
         self._finish_heap: list[tuple[int, int]] = []  # (finish step, rid)
         self.used_blocks = 0
@@ -313,6 +317,7 @@ class Engine:
         self._off[rid] = off
         self._gen_off[rid] = self.generated[rid] - S
         self._decoding[rid] = 1
+        self._off_sum += off
         self._phase[off % self.block_size] += 1
         self.n_decode += 1
         heapq.heappush(self._finish_heap, (S + self.output[rid] - self.generated[rid], rid))
@@ -322,6 +327,7 @@ class Engine:
         self.computed[rid] = self._off[rid] + S
         self.generated[rid] = self._gen_off[rid] + S
         self._decoding[rid] = 0
+        self._off_sum -= self._off[rid]
         self._phase[self._off[rid] % self.block_size] -= 1
         self.n_decode -= 1
 
@@ -433,10 +439,10 @@ class Engine:
         for _, c in chunks:
             n_pre += c
         n_dec = self.n_decode
-        dt_ms = self._c_base + self._c_dec * n_dec + self._c_pre * n_pre + load_ms
+        dt_ms = self._c_base + self._c_dec * n_dec + self._c_pre * n_pre + load_ms + self._kv_read_ms()
         if self.n_adapters:
             dt_ms += (self._l_base + self._l_dec * n_dec + self._l_pre * n_pre
-                      + self.n_adapters * (self._l_ad + self._l_adk * (n_dec + n_pre)))
+                      + self.n_adapters * (self._l_ad + self._l_adk * (n_dec + n_pre))) * self._fam[self.n_adapters]
         dt_ms += self._sched_ms()
         dt = dt_ms * 1e-3
         self._account(dt, 1)
@@ -485,11 +491,30 @@ class Engine:
 
     def _decode_dt(self) -> float:
         n_dec = self.n_decode
-        ms = self._c_base + self._c_dec * n_dec
+        ms = self._c_base + self._c_dec * n_dec + self._kv_read_ms()
         if self.n_adapters:
-            ms += self._l_base + self._l_dec * n_dec + self.n_adapters * (self._l_ad + self._l_adk * n_dec)
+            ms += (self._l_base + self._l_dec * n_dec
+                   + self.n_adapters * (self._l_ad + self._l_adk * n_dec)) * self._fam[self.n_adapters]
         ms += self._sched_ms()
         return ms * 1e-3
+
+    def _kv_read_ms(self) -> float:
+        """Attention of this step's decoders: each reads its context (tokens so far plus the new one)."""
+        return self._c_kv * (self._off_sum + self.n_decode * (self.step + 1)) if self._c_kv else 0.0
+
+    def _steps_to(self, delta: float, dt: float, grow: float) -> int:
+        """Fewest steps (>= 1) whose time reaches ``delta`` when step j takes ``dt + grow·j`` seconds."""
+        if delta <= dt:
+            return 1
+        if grow <= 0.0:
+            return math.ceil(delta / dt)
+        b = dt - 0.5 * grow  # k·dt + grow·k(k-1)/2 = delta  <=>  grow/2·k² + b·k - delta = 0
+        k = max(1, math.ceil((-b + math.sqrt(b * b + 2.0 * grow * delta)) / grow))
+        while k > 1 and (k - 1) * dt + grow * (k - 1) * (k - 2) / 2 >= delta:
+            k -= 1  # guard against rounding of the root
+        while k * dt + grow * k * (k - 1) / 2 < delta:
+            k += 1
+        return k
 
     def _kv_need(self, k: int) -> int:
         """Blocks the decoders allocate over the next ``k`` steps."""
@@ -520,13 +545,15 @@ class Engine:
                 break
             heapq.heappop(heap)
         dt = self._decode_dt()
+        # every step each decoder's context grows by one token, so its attention reads grow: linear step times
+        grow = self._c_kv * self.n_decode * 1e-3
         t = self.time
         k = heap[0][0] - self.step if heap else 1 << 40
         if self._next < self._n:
-            k = min(k, max(1, math.ceil((self.arrival[self._next] - t) / dt)))
-        k = min(k, max(1, math.ceil((until - t) / dt)))
+            k = min(k, self._steps_to(self.arrival[self._next] - t, dt, grow))
+        k = min(k, self._steps_to(until - t, dt, grow))
         w_end = (int(t // self.window_s) + 1) * self.window_s
-        k = min(k, max(1, math.ceil((w_end - t) / dt)))
+        k = min(k, self._steps_to(w_end - t, dt, grow))
         free = self.capacity_blocks - self.used_blocks
         if self.n_decode * -(-k // self.block_size) > free:
             k = min(k, self._kv_max_steps(free))
@@ -534,10 +561,11 @@ class Engine:
                 self._exact_step()  # this step lacks blocks: preempt
                 return
         need = self._kv_need(k)
-        self._account(k * dt, k)
+        span = k * dt + grow * k * (k - 1) / 2 if grow else k * dt
+        self._account(span, k)
         self.used_blocks += need
         self.step += k
-        self.time = t + k * dt
+        self.time = t + span
         self.max_steps_jumped = max(self.max_steps_jumped, k)
         self._pop_finished()
 

@@ -20,7 +20,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Mapping
 
-__all__ = ["Profile", "ProfileError", "StepTimeModel", "load_profile", "known_profiles", "DEFAULT_GPU"]
+__all__ = ["Profile", "ProfileError", "StepTimeModel", "AdapterFamilyTable", "load_profile", "known_profiles",
+           "DEFAULT_GPU", "ADAPTER_FAMILIES"]
 
 DEFAULT_GPU = "h100-64gb"
 SCHEMA_VERSION = 1
@@ -37,6 +38,10 @@ STEP_FIELDS = {
     "lora_ms_per_adapter_ktoken": "each distinct adapter times each 1000 tokens in the step",
     "lora_rank_slope": "relative change of the LoRA terms per doubling of max_lora_rank above 8",
 }
+#: optional step-time coefficients (0 when a profile predates them)
+OPTIONAL_STEP_FIELDS = {
+    "kv_read_ms_per_ktoken": "each 1000 context tokens the step's decoding requests attend to (KV-cache reads)",
+}
 SCHED_FIELDS = {
     "base_ms": "every step",
     "ms_per_running": "each running request",
@@ -46,6 +51,86 @@ SCHED_FIELDS = {
 
 class ProfileError(ValueError):
     """A profile file that is missing, malformed or physically impossible."""
+
+
+#: adapter families the twin prices (``twin run --adapter-family``); ``lora`` is the reference
+ADAPTER_FAMILIES = ("lora", "parallel", "series", "fused")
+
+
+def _log2_pos(grid: tuple[int, ...], value: float) -> tuple[int, int, float]:
+    """Neighbours of ``value`` in ``grid`` and its fraction between them in log2, clamped to the grid's ends."""
+    v = min(max(float(value), grid[0]), grid[-1])
+    j = 0
+    while j + 1 < len(grid) - 1 and grid[j + 1] <= v:
+        j += 1
+    if len(grid) == 1:
+        return 0, 0, 0.0
+    lo, hi = grid[j], grid[j + 1]
+    return j, j + 1, (math.log2(v) - math.log2(lo)) / (math.log2(hi) - math.log2(lo))
+
+
+@dataclass(frozen=True)
+class AdapterFamilyTable:
+    """Cost of adapter families relative to gathered LoRA, measured by ``adaptwin profile adapters``.
+
+    A family's LoRA step-time terms are LoRA's times ``multiplier[family](k, max_lora_rank)``, k = distinct adapters
+    in the step: bilinear in (log2 rank, log2 k) between measured points, clamped to the grid's ends
+    (docs/adapters.md has the model and how it is measured).
+    """
+
+    ranks: tuple[int, ...]
+    distinct: tuple[int, ...]
+    multiplier: Mapping[str, tuple[tuple[float, ...], ...]]
+    measured_on: str
+
+    def multipliers(self, family: str, max_lora_rank: int, max_k: int) -> list[float]:
+        """Multiplier for k = 0 … max_k distinct adapters (index k; k = 0 has no LoRA term and gets 1)."""
+        m = self.multiplier[family]
+        i0, i1, fr = _log2_pos(self.ranks, max_lora_rank)
+        row = [(1.0 - fr) * a + fr * b for a, b in zip(m[i0], m[i1])]
+        out = [1.0]
+        for k in range(1, max_k + 1):
+            j0, j1, fk = _log2_pos(self.distinct, k)
+            out.append((1.0 - fk) * row[j0] + fk * row[j1])
+        return out
+
+    @classmethod
+    def from_dict(cls, d: Any, where: str) -> "AdapterFamilyTable":
+        where = f"{where} adapter_family"
+        if not isinstance(d, Mapping):
+            raise ProfileError(f"profile {where} must be a JSON object (the table of `adaptwin profile adapters`)")
+        for key in ("measured_on", "ranks", "distinct", "multiplier"):
+            if key not in d:
+                raise ProfileError(f"profile {where}: field '{key}' is missing; rebuild it with "
+                                   "`adaptwin profile adapters` (docs/adapters.md)")
+        if not isinstance(d["measured_on"], str) or not d["measured_on"]:
+            raise ProfileError(f"profile {where}.measured_on must name the device, e.g. \"cpu\" or \"cuda\"")
+        axes = {}
+        for key in ("ranks", "distinct"):
+            vals = d[key]
+            if (not isinstance(vals, list) or not vals
+                    or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in vals)
+                    or vals != sorted(set(vals))):
+                raise ProfileError(f"profile {where}.{key} must be increasing positive integers, got {vals!r}")
+            axes[key] = tuple(vals)
+        mult = d["multiplier"]
+        if not isinstance(mult, Mapping) or "lora" not in mult:
+            raise ProfileError(f"profile {where}.multiplier must map families to tables and include 'lora'")
+        table = {}
+        for fam, rows in mult.items():
+            if fam not in ADAPTER_FAMILIES:
+                raise ProfileError(f"profile {where}: unknown adapter family {fam!r} "
+                                   f"(known: {', '.join(ADAPTER_FAMILIES)})")
+            shape = (len(axes["ranks"]), len(axes["distinct"]))
+            if (not isinstance(rows, list) or len(rows) != shape[0]
+                    or any(not isinstance(r, list) or len(r) != shape[1] for r in rows)):
+                raise ProfileError(f"profile {where}.multiplier.{fam} must be {shape[0]} rows (ranks) of "
+                                   f"{shape[1]} values (distinct adapters)")
+            vals = tuple(tuple(_num({"v": v}, "v", f"{where}.multiplier.{fam}") for v in r) for r in rows)
+            if fam == "lora" and any(v != 1.0 for r in vals for v in r):
+                raise ProfileError(f"profile {where}.multiplier.lora must be 1 everywhere (it is the reference)")
+            table[fam] = vals
+        return cls(ranks=axes["ranks"], distinct=axes["distinct"], multiplier=table, measured_on=d["measured_on"])
 
 
 def _num(obj: Mapping[str, Any], key: str, where: str, *, allow_negative: bool = False) -> float:
@@ -63,7 +148,7 @@ def _num(obj: Mapping[str, Any], key: str, where: str, *, allow_negative: bool =
 class StepTimeModel:
     """Latency of one engine step (ms) as a sum of per-operation terms (Vidur-style).
 
-    ``step_ms = base + decode·n_decode + prefill·n_prefill
+    ``step_ms = base + decode·n_decode + prefill·n_prefill + kv_read·context_tokens/1000
     + [LoRA in batch]·rank_factor·(lora_base + lora_seq·n_decode + lora_prefill·n_prefill + lora_adapter·A
     + lora_adapter_ktoken·A·(n_decode + n_prefill)/1000)``
     plus adapter loads and scheduler overhead, which the engine adds (they depend on its state).
@@ -78,13 +163,18 @@ class StepTimeModel:
     lora_ms_per_adapter: float
     lora_ms_per_adapter_ktoken: float
     lora_rank_slope: float
+    # decode attention reads every context token's K and V once per step: memory-bound, linear in the batch's
+    # context tokens (measured on an H100, profiler/measured/h100), independent of LoRA
+    kv_read_ms_per_ktoken: float = 0.0
 
     def rank_factor(self, max_lora_rank: int) -> float:
         """Scale of the LoRA terms for a server started with ``--max-lora-rank``."""
         return max(0.0, 1.0 + self.lora_rank_slope * math.log2(max(max_lora_rank, 8) / 8.0))
 
-    def step_ms(self, n_decode: int, n_prefill: int, n_adapters: int, rank_factor: float = 1.0) -> float:
-        ms = self.base_ms + self.decode_ms_per_seq * n_decode + self.prefill_ms_per_token * n_prefill
+    def step_ms(self, n_decode: int, n_prefill: int, n_adapters: int, rank_factor: float = 1.0,
+                context_tokens: int = 0) -> float:
+        ms = (self.base_ms + self.decode_ms_per_seq * n_decode + self.prefill_ms_per_token * n_prefill
+              + self.kv_read_ms_per_ktoken * context_tokens * 1e-3)
         if n_adapters > 0:
             ms += rank_factor * (self.lora_base_ms + self.lora_ms_per_seq * n_decode
                                  + self.lora_ms_per_prefill_token * n_prefill + self.lora_ms_per_adapter * n_adapters
@@ -112,6 +202,9 @@ class Profile:
     families: Mapping[str, Mapping[str, float]]
     meta: Mapping[str, Any] = field(default_factory=dict, repr=False)
     path: str = ""
+    adapter_family: AdapterFamilyTable | None = None
+    # share of requests that end at EOS before max_tokens (ignore_eos false); applied to length-table workloads
+    early_stop_fraction: float = 0.0
 
     # ---- derived quantities -------------------------------------------------------------------------
     def kv_capacity_tokens(self, max_loras: int, max_lora_rank: int) -> int:
@@ -132,10 +225,21 @@ class Profile:
     def family_scale(self, family: str) -> float:
         """Compute multiplier of the LoRA terms for an adapter family (``lora`` = 1)."""
         if family not in self.families:
-            known = ", ".join(sorted(self.families))
+            if self.adapter_family is not None and family in self.adapter_family.multiplier:
+                return 1.0  # priced per step by family_multipliers
+            known = ", ".join(sorted(set(self.families) | set(self.adapter_family.multiplier
+                                                               if self.adapter_family else ())))
             raise ProfileError(f"adapter family {family!r} is not in profile {self.path or self.model} "
                                f"(it has: {known}); profile it first or use --adapter-family lora")
         return float(self.families[family].get("compute_scale", 1.0))
+
+    def family_multipliers(self, family: str, max_lora_rank: int, max_k: int) -> list[float]:
+        """Multiplier of the LoRA terms per number of distinct adapters in a step (index 0 … max_k), from the
+        ``adapter_family`` table; all 1 for ``lora`` (so LoRA results are unchanged) or a family without a table."""
+        self.family_scale(family)  # a clear error for a family the profile does not price
+        if family == "lora" or self.adapter_family is None or family not in self.adapter_family.multiplier:
+            return [1.0] * (max_k + 1)
+        return self.adapter_family.multipliers(family, max_lora_rank, max_k)
 
     # ---- (de)serialisation --------------------------------------------------------------------------
     @classmethod
@@ -150,7 +254,8 @@ class Profile:
                 raise ProfileError(f"profile {where}: field '{key}' is missing")
         st = d["step_time"]
         step = StepTimeModel(**{k: _num(st, k, f"{where} step_time", allow_negative=(k == "lora_rank_slope"))
-                                for k in STEP_FIELDS})
+                                for k in STEP_FIELDS},
+                             **{k: _num(st, k, f"{where} step_time") for k in OPTIONAL_STEP_FIELDS if k in st})
         sc = d["scheduler"]
         loading: dict[int, dict[int, float]] = {}
         for mr, row in d["loading_ms"].items():
@@ -169,6 +274,11 @@ class Profile:
         if cmw is not None and (not isinstance(cmw, int) or cmw < 1):
             raise ProfileError(f"profile {where}: limits.client_max_waiting must be a positive integer or null")
         families = d.get("families", {"lora": {"compute_scale": 1.0}})
+        afam = AdapterFamilyTable.from_dict(d["adapter_family"], where) if "adapter_family" in d else None
+        gen = d.get("generation", {})
+        early = _num(gen, "early_stop_fraction", f"{where} generation") if "early_stop_fraction" in gen else 0.0
+        if early > 1:
+            raise ProfileError(f"profile {where}: generation.early_stop_fraction must be in [0, 1], got {early}")
         return cls(
             model=str(d["model"]), gpu=str(d["gpu"]), step=step,
             sched_base_ms=_num(sc, "base_ms", f"{where} scheduler"),
@@ -178,7 +288,8 @@ class Profile:
             kv_intercept=_num(kv["linear"], "intercept", f"{where} kv_capacity.linear"),
             kv_per_slot_rank=_num(kv["linear"], "tokens_per_slot_rank", f"{where} kv_capacity.linear"),
             max_model_len=int(_num(lim, "max_model_len", f"{where} limits")),
-            client_max_waiting=cmw, families=families, meta=dict(d["meta"]), path=path,
+            client_max_waiting=cmw, families=families, meta=dict(d["meta"]), path=path, adapter_family=afam,
+            early_stop_fraction=early,
         )
 
 

@@ -28,7 +28,9 @@ def register_recommend(sub) -> None:
     rec.add_argument("--seeds", type=int, default=1,
                      help="arrival processes per configuration (seeds 0..N-1; default 1); with N > 1 ties within "
                           "noise go to the configuration with more margin to starvation")
-    rec.add_argument("--exhaustive", action="store_true", help="simulate every grid point (default: bisection)")
+    rec.add_argument("--exhaustive", action="store_true",
+                     help="the paper's walk on full runs of every grid point up to each slot value's first starving "
+                          "one (default: bisection with early-stopped probes)")
     rec.add_argument("--top", type=int, default=5, help="runners-up to show (default 5)")
     rec.add_argument("--profile", default=None, help="profile JSON (default: the shipped one for --model)")
     rec.add_argument("--json", action="store_true", help="print the recommendation as one JSON line")
@@ -81,5 +83,6 @@ def _recommend(args: argparse.Namespace) -> int:
         for r in out["runners_up"]:
             print(f"    {r['served']:>6} {r['max_loras']:>9} {r['total_throughput']:>10.1f} "
                   f"{r['starvation_ratio']:>10.3f} {r['starved']:>7}")
-    print(f"  method {rec.method}: {rec.runs} twin runs, {rec.configs} configurations, {rec.wall_s:.1f} s")
+    print(f"  method {rec.method}: {rec.runs} twin runs ({rec.early_stopped} stopped once their verdict was "
+          f"settled), {rec.configs} configurations, {rec.wall_s:.1f} s")
     return 0

@@ -51,6 +51,10 @@ def run_scenario(model: str, rates: Sequence[float], ranks: Sequence[int], serve
                                   "pass explicit arrivals") from err
             lengths = load_lengths(prof.model)
         arrivals, adapter_ranks = paper_workload(rates, ranks, served, duration, seed, lengths)
+        # the table's output lengths are max_tokens; the model stops at EOS before them in a share of requests
+        from adaptwin.twin.lengths import apply_early_stop
+
+        arrivals = apply_early_stop(arrivals, prof.early_stop_fraction, seed)
     elif adapter_ranks is None:
         adapter_ranks = [ranks[k % len(ranks)] for k in range(served)]
     cfg = ServerConfig(model=prof.model, served=served, max_loras=max_loras, adapter_ranks=tuple(adapter_ranks),

@@ -5,9 +5,8 @@ saved to docs/screenshots/ (the README and docs/dashboard.md show them).
 The lake, all through the real broker: ``adaptwin ingest`` of the first five minutes of the shipped Azure
 conversation trace (three deliberately broken rows, dead-lettered) → ``adaptwin replay --backend twin`` (16
 served adapters, max_loras 4) and ``adaptwin replay --backend vllm`` against ``adaptwin twin serve`` (vLLM's
-API in scaled wall time) → ``adaptwin sink`` (read_committed). Only the
-``recommendations`` table is generated (tests/dashboard/lakedata.py, from the twin replay's windows): the
-streaming learner that will write it does not exist yet.
+API in scaled wall time) → ``adaptwin learn`` (the streaming learner: the twin replay's windows → recommendations) → ``adaptwin sink``
+(read_committed).
 
 Needs /usr/bin/chromium (``apt-get install -y chromium``); skipped without it. No browser download.
 """
@@ -107,16 +106,18 @@ def pipeline_lake(kafka_broker, tmp_path_factory) -> tuple[Path, Sample]:
     finally:
         os.killpg(serve.pid, signal.SIGTERM)
         serve.wait(timeout=15)
+    # the streaming learner turns the twin replay's windows into recommendations (kind recommendation / drift)
+    learned = _json(_cli("learn", "--run-id-in", TWIN_RUN, "--until-run-end", "--bootstrap", bootstrap,
+                         "--checkpoint", str(work / "learner"), "--no-progress", "--json", timeout=300))
+    assert learned["recommendations"] > 0, learned
     _cli("sink", "--group", f"dash-e2e-{os.getpid()}", "--idle-exit", "3", "--max-age", "0.5",
          "--bootstrap", bootstrap, "--lake", str(lake), "--json")
     n = _q(lake, f"select count(*) n from requests where run_id = '{RUN}'")["n"]
     assert n == ing["accepted"] > 1000 and ing["dead_lettered"] == 3, ing
     assert _q(lake, f"select count(*) n from telemetry where run_id = '{TWIN_RUN}'")["n"] == twin["telemetry"] == n
     assert _q(lake, f"select count(*) n from telemetry where run_id = '{REAL_RUN}'")["n"] == real["telemetry"]
-    # the one table no real part writes yet: the streaming learner does not exist, so its recommendations are
-    # generated from the twin replay's real windows
-    windows = catalog.query(lake, f"select * from windows where run_id = '{TWIN_RUN}'")
-    lakedata.write(lake, "recommendations", lakedata.recommendations(windows, seed=0), TWIN_RUN)
+    assert _q(lake, f"select count(*) n from recommendations where run_id = '{TWIN_RUN}'")["n"] >= \
+        learned["recommendations"]
     # the real replay's last two windows are held back and published while the Live page is open (what a
     # running replay does next); the rest of its windows are republished as they were, last, so the real run's
     # files are the newest and Live and Adapters select it by default

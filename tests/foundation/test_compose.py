@@ -64,3 +64,39 @@ def test_optional_vllm_service_is_gpu_profiled_with_lora_flags():
         assert flag in flags
     assert int(flags[flags.index("--max-cpu-loras") + 1]) >= int(flags[flags.index("--max-loras") + 1])
     assert "healthcheck" in vllm
+
+
+def test_every_pipeline_service_is_there():
+    for name in ("kafka", "topic-init", "ingest", "replay", "sink", "learner", "dashboard", "vllm", "lake-compact",
+                 "lake-retention"):
+        assert name in SERVICES, f"docker-compose.yml has no {name} service"
+    for name in ("lake-compact", "lake-retention"):  # maintenance runs as a service: repeated, never one-shot
+        assert "--every" in SERVICES[name]["command"]
+
+
+def test_learner_service_streams_from_kafka_and_checkpoints_to_a_volume():
+    learner = SERVICES["learner"]
+    cmd = learner["command"]
+    assert cmd[0] == "learn" and cmd[cmd.index("--bootstrap") + 1] == "kafka:19092"
+    checkpoint = cmd[cmd.index("--checkpoint") + 1]
+    mounts = {str(v).split(":", 1)[1]: str(v).split(":", 1)[0] for v in learner["volumes"]}
+    assert checkpoint in mounts and mounts[checkpoint] in COMPOSE["volumes"]  # survives a container restart
+    assert learner["restart"] == "on-failure"
+    # the image creates the mount points owned by its non-root user, so the volumes are writable
+    docker = (ROOT / "Dockerfile").read_text()
+    assert checkpoint in docker and "/lake" in docker and "chown adaptwin" in docker
+
+
+def test_replay_can_target_the_vllm_service():
+    vllm, replay = SERVICES["vllm"], SERVICES["replay-vllm"]
+    cmd = replay["command"]
+    assert cmd[cmd.index("--backend") + 1] == "vllm"
+    port = str(vllm["ports"][0]).rsplit(":", 1)[1]
+    assert cmd[cmd.index("--url") + 1] == f"http://vllm:{port}"
+    assert replay["profiles"] == vllm["profiles"] == ["gpu"]
+    assert replay["depends_on"]["vllm"]["condition"] == "service_healthy"
+    # the replay's configuration is the server's: served adapters = --max-cpu-loras, slots = --max-loras
+    flags = vllm["command"]
+    for ours, theirs in (("--served", "--max-cpu-loras"), ("--max-loras", "--max-loras")):
+        assert cmd[cmd.index(ours) + 1] == flags[flags.index(theirs) + 1]
+    assert callable(build_parser().parse_args(cmd).func)

@@ -112,3 +112,4 @@ def test_second_sink_on_same_lake_and_group_is_refused(bootstrap, tmp_path):
 def test_missing_topic_is_a_clear_error(bootstrap, tmp_path):
     with pytest.raises(UserError, match="adaptwin topics create"):
         LakeSink(SinkConfig(bootstrap, tmp_path, topics=("no.such.topic",), group_id="g-missing"))
+

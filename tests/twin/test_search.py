@@ -96,7 +96,8 @@ def test_bisection_equals_exhaustive_on_a_small_grid(model, rates, ranks):
     assert (bis.best.served, bis.best.max_loras) == (exh.best.served, exh.best.max_loras)
     assert bis.best == exh.best and bis.all_starve == exh.all_starve
     assert [c.evaluation for c in bis.per_slot] == [c.evaluation for c in exh.per_slot]
-    assert bis_runs <= exh.runs
+    full_grid = sum(1 for g in grid for s in grid if g <= s and g not in exh.unstartable_slots)
+    assert bis_runs <= full_grid and exh.runs <= full_grid  # the walk stops at its first starving point
     assert bis.method == "bisection" and exh.method == "exhaustive"
 
 
@@ -192,3 +193,107 @@ def test_cli_text_and_errors(capsys):
 def test_paper_grid_constant():
     assert PAPER_GRID == (16, 32, 64, 96, 128, 160, 192, 256, 320, 384)
     assert all(a < b for a, b in itertools.pairwise(PAPER_GRID))
+
+
+# ---- early stop (twin/settle.py) -----------------------------------------------------------------------------
+from adaptwin.twin.config import ServerConfig, paper_workload  # noqa: E402
+from adaptwin.twin.settle import Backlog, EarlyStop, SettlingRun, run_until_settled  # noqa: E402
+from adaptwin.twin.lengths import load_lengths  # noqa: E402
+from adaptwin.twin.profile import load_profile  # noqa: E402
+from adaptwin.twin.sim import simulate  # noqa: E402
+
+
+def _setup(model, rates, ranks, served, g, duration, seed=0):
+    prof = load_profile(model)
+    arr, ad_ranks = paper_workload(rates, ranks, served, duration, seed, load_lengths(prof.model))
+    cfg = ServerConfig(model=prof.model, served=served, max_loras=g, adapter_ranks=ad_ranks, max_lora_rank=max(ranks))
+    return cfg, arr, prof
+
+
+def test_backlog_test_settles_growth_and_stability_and_waits_for_warm_up():
+    rule = EarlyStop(warmup_s=300.0, z=4.0)
+    grow = Backlog(offered=8_000.0, duration=3600.0, check_s=60.0)
+    flat = Backlog(offered=10_000.0, duration=3600.0, check_s=60.0)
+    for i in range(1, 6):
+        grow.add(60.0 * i, 100.0 * i + (7 if i % 2 else -7))  # +100 tokens a minute: 6,000 by the end > 800
+        flat.add(60.0 * i, 50.0 + (1 if i % 2 else -1))
+        if i < 5:
+            assert grow.verdict(rule) is None and flat.verdict(rule) is None  # still warming up
+    assert flat.verdict(rule) is False
+    assert grow.verdict(rule) is None  # 4 increments cannot rule out a queue that is about to level off
+    for i in range(6, 13):
+        grow.add(60.0 * i, 100.0 * i + (7 if i % 2 else -7))
+    assert grow.verdict(rule) is True and grow.projected_ratio(rule) > 0.1  # twelve minutes of steady growth do
+    # a loaded but stable server whose queue is still filling (a real run: 384 adapters at 0.1/0.025/0.0125 req/s,
+    # backlog in k tokens per minute; it levels off at 7 % of the offered tokens): not read as overload
+    filling = Backlog(offered=26_737.0, duration=3600.0, check_s=60.0)
+    for i, u in enumerate([277, 471, 663, 860, 1022], start=1):
+        filling.add(60.0 * i, u)
+    assert filling.projection(rule)[0] >= 2_673.7  # a straight line says "starves" ...
+    assert filling.verdict(rule) is None  # ... but the growth may be slowing down: not settled
+    noisy = Backlog(offered=10_000.0, duration=3600.0, check_s=60.0)
+    for i in range(1, 7):
+        noisy.add(60.0 * i, 400.0 * (i % 2))  # swings as large as the threshold: not settled
+    assert noisy.verdict(rule) is None
+
+
+def test_a_run_checked_in_chunks_takes_exactly_the_steps_of_one_run():
+    cfg, arr, prof = _setup(QWEN, (0.8, 0.4, 0.2), (8, 16), 48, 8, 900.0)
+    never = EarlyStop(z=1e9)  # never settles: chunked all the way
+    chunked = run_until_settled(cfg, arr, 900.0, prof, never)
+    whole = run_until_settled(cfg, arr, 900.0, prof, None)
+    ref = simulate(cfg, arr, 900.0, window_s=60.0, profile=prof).summary()  # the batch entry point, in one go
+    drop = lambda s: {k: v for k, v in s.items() if k != "wall_s"}  # noqa: E731
+    assert not chunked.early and drop(chunked.summary) == drop(whole.summary) == drop(ref)
+
+
+@pytest.mark.parametrize("rates,served,g,want", [
+    ((3.2, 1.6, 0.8), 48, 16, True),     # far beyond capacity: the backlog grows every minute
+    ((0.05, 0.025), 16, 8, False),       # light: the backlog stays flat
+])
+def test_clear_verdicts_settle_early_and_match_the_full_run(rates, served, g, want):
+    cfg, arr, prof = _setup(LLAMA, rates, (8, 16), served, g, 1800.0)
+    run = SettlingRun(cfg, arr, 1800.0, prof)
+    early = run.settle(EarlyStop())
+    assert early.early and early.stopped_at <= 900.0 and early.starved is want
+    full = run.finish()  # the same engine carried on to the end
+    assert not full.early and full.starved is want
+    fresh = run_until_settled(cfg, arr, 1800.0, prof, None)
+    assert full.summary["total_throughput"] == fresh.summary["total_throughput"]
+
+
+def test_search_with_early_stop_equals_exhaustive_and_reports_full_runs():
+    wl = Workload(LLAMA, (1.6, 0.8, 0.4), (8, 16), duration=1200.0)
+    grid = [8, 16, 32]
+    ev = Evaluator(wl)
+    fast = search(wl, grid=grid, evaluator=ev)
+    exh = search(wl, grid=grid, exhaustive=True, evaluator=Evaluator(wl, early_stop=False))
+    assert (fast.best.served, fast.best.max_loras) == (exh.best.served, exh.best.max_loras)
+    assert fast.best == exh.best and not fast.best.early_stopped  # the choice comes from a full run
+    assert ev.early_stopped >= 1 and fast.summary()["early_stopped_runs"] == ev.early_stopped
+
+
+def test_exact_resumes_a_stopped_run():
+    wl = Workload(LLAMA, (3.2, 1.6), (8,), duration=1800.0)
+    ev = Evaluator(wl)
+    quick = ev(32, 8)
+    assert quick.early_stopped and quick.starved
+    sure = ev.confirm(32, 8)  # the stricter rule carries the same run on (1200-s warm-up)
+    assert sure.starved and ev.runs == 1 and ev.simulated_s >= 1200.0 and ev.confirm(32, 8) is sure
+    full = ev.exact(32, 8)
+    assert not full.early_stopped and full.starved and ev.runs == 1  # carried on, not run again
+    assert full == Evaluator(wl, early_stop=False)(32, 8)
+
+
+def test_seeds_give_a_spread_and_early_stop_respects_the_mean(capsys):
+    assert _cli(["--model", QWEN, "--rates", "0.4,0.2", "--ranks", "8,16", "--grid", "8,16", "--duration", "120",
+                 "--seeds", "2", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["seeds"] == 2 and out["throughput_std"] > 0  # two arrival processes never give the same tokens
+    # several seeds with early stop: a settled point is settled on every seed, a chosen one is a full run on each
+    wl = Workload(LLAMA, (3.2, 1.6), (8,), duration=900.0, seeds=(0, 1))
+    ev = Evaluator(wl)
+    heavy = ev(32, 8)
+    assert heavy.starved and heavy.starved_seeds == 2 and heavy.seeds == 2
+    rec = search(wl, grid=[4, 8], evaluator=ev)
+    assert not rec.best.early_stopped and rec.best.seeds == 2
