@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import subprocess
 import sys
@@ -187,7 +188,7 @@ def _pipeline(config: DemoConfig, children: _Children) -> str:
         "learn", "--run-id-in", f"{run_id}-twin", "--bootstrap", config.bootstrap, "--until-run-end",
         "--ranks", ",".join(map(str, config.ranks)),
         "--warm-start", "twin", "--twin-budget", "20", "--no-progress", "--json",
-        "--checkpoint", str(config.lake.parent / ".adaptwin-demo" / run_id)),
+        "--checkpoint", str(Path(os.environ.get("ADAPTWIN_CACHE", ".cache")) / "demo" / run_id)),
         "learner").strip().splitlines()[-1])
     print(f"learn   {learned.get('windows', 0)} windows → {learned.get('recommendations', 0)} recommendations "
           f"({learned.get('model')}) in {time.perf_counter() - t0:.1f} s", flush=True)
