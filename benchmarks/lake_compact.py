@@ -18,11 +18,10 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 
-from adaptwin import schemas
 from adaptwin.config import TOPICS
 from adaptwin.ingest import catalog, lake, maintenance
+from benchmarks.lakegen import telemetry_table
 
 QUERY = ("select adapter_id, count(*) n, avg(ttft_ms) ttft, sum(prompt_tokens + output_tokens) tok "
          "from telemetry group by 1 order by 1")
@@ -35,27 +34,9 @@ def small_file_lake(root: Path, files: int, rows_per_file: int, seed: int = 0) -
     offset = 0
     for i in range(files):
         n = rows_per_file
-        ttft = rng.gamma(2.0, 60.0, n)
-        out = rng.integers(4, 512, n).astype(np.int32)
-        cols = {
-            "v": pa.array(np.ones(n, np.int16)),
-            "request_id": pa.array([f"r-{i}-{k}" for k in range(n)]),
-            "run_id": pa.array(["bench"] * n),
-            "backend": pa.array(["twin"] * n),
-            "served": pa.array(np.full(n, 64, np.int32)),
-            "max_loras": pa.array(np.full(n, 16, np.int32)),
-            "adapter_id": pa.array([f"lora-{a}" for a in rng.integers(0, 64, n)]),
-            "ts": pa.array(np.sort(rng.uniform(2 * i, 2 * i + 2, n))),
-            "prompt_tokens": pa.array(rng.integers(4, 1024, n).astype(np.int32)),
-            "output_tokens": pa.array(out),
-            "ttft_ms": pa.array(ttft),
-            "itl_ms": pa.array(rng.gamma(4.0, 5.0, n)),
-            "e2e_ms": pa.array(ttft + out * 20.0),
-            "finished": pa.array(rng.random(n) < 0.97),
-            "preempted": pa.array(np.zeros(n, np.int32)),
-            "error": pa.nulls(n, pa.string()),
-        }
-        table = pa.table(cols).cast(schemas.TELEMETRY)
+        ts = np.sort(rng.uniform(2 * i, 2 * i + 2, n))
+        table = telemetry_table(rng, n, "bench", i * n, rng.integers(0, 64, n), ts, served=64, max_loras=16,
+                                max_output=512)
         # a sink batch is a few Kafka messages; offsets leave gaps as other runs' messages would
         lake.write_atomic(table, lake.file_path(root, "telemetry", "bench", today, 0, offset, offset + 9))
         offset += 12
