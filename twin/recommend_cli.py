@@ -15,9 +15,24 @@ def register_recommend(sub) -> None:
     rec = sub.add_parser("recommend", help="recommend served adapters and max_loras for a workload (twin)")
     rec.add_argument("--model", required=True,
                      help="llama-3.1-8b-instruct | qwen-2.5-7b-instruct | a --profile's model")
-    rec.add_argument("--rates", type=float_list, required=True,
+    src = rec.add_argument_group("workload (one of --rates, --trace, --lake-run)")
+    src.add_argument("--rates", type=float_list, default=None,
                      help="per-adapter-group Poisson rates (req/s), round-robin over the served adapters")
-    rec.add_argument("--ranks", type=int_list, required=True, help="per-adapter-group LoRA ranks, e.g. 8,16,32")
+    src.add_argument("--ranks", type=int_list, default=None,
+                     help="per-adapter-group LoRA ranks, e.g. 8,16,32 (with --trace: the ranks ingest assigns to a "
+                          "trace without adapter columns; with --lake-run: round-robin over the run's adapters)")
+    src.add_argument("--trace", default=None, metavar="FILE",
+                     help="derive the workload from a trace (any ingest format or a shipped name): one rate group "
+                          "per adapter, its offered tokens/s as request equivalents")
+    src.add_argument("--format", default=None, help="with --trace: azure|mooncake|servegen|csv|parquet (default: "
+                                                    "detected)")
+    src.add_argument("--adapters", type=int, default=None,
+                     help="with --trace: adapters to assign to a trace without adapter columns (as ingest does)")
+    src.add_argument("--lake-run", default=None, metavar="RUN",
+                     help="derive the workload from a replay run's windows in the lake (per-adapter offered tokens)")
+    src.add_argument("--last-windows", type=int, default=None, metavar="N",
+                     help="with --lake-run: only the run's last N windows (the recent traffic)")
+    src.add_argument("--lake", default=None, help="with --lake-run: lake root (default $ADAPTWIN_LAKE or ./lake)")
     rec.add_argument("--grid", type=int_list, default=None,
                      help="values both knobs may take (max_loras <= served), e.g. the paper's "
                           "16,32,64,96,128,160,192,256,320,384; default: every integer 1..--max-served")
@@ -44,12 +59,20 @@ def _recommend(args: argparse.Namespace) -> int:
 
     if args.seeds < 1:
         raise UserError(f"--seeds must be >= 1, got {args.seeds}")
+    given = [name for name, v in (("--rates", args.rates), ("--trace", args.trace), ("--lake-run", args.lake_run))
+             if v is not None]
+    if len(given) != 1:
+        raise UserError("give the workload one way: --rates with --ranks, --trace FILE, or --lake-run RUN"
+                        + (f" (got {' and '.join(given)})" if given else ""))
+    if args.rates is not None and not args.ranks:
+        raise UserError("--rates needs --ranks (one rank per rate group, or one for all), e.g. --ranks 8,16,32")
     if args.grid is not None and not args.grid:
         raise UserError("--grid is empty: give at least one value, e.g. --grid 16,32,64")
     bar = None
     try:
         prof = load_profile(args.model, path=args.profile)
-        wl = Workload(prof.model, tuple(args.rates), tuple(args.ranks), duration=args.duration,
+        rates, ranks = _workload(args, prof.model)
+        wl = Workload(prof.model, rates, ranks, duration=args.duration,
                       seeds=tuple(range(args.seeds)), max_lora_rank=args.max_lora_rank)
         from tqdm import tqdm
 
@@ -86,3 +109,23 @@ def _recommend(args: argparse.Namespace) -> int:
     print(f"  method {rec.method}: {rec.runs} twin runs ({rec.early_stopped} stopped once their verdict was "
           f"settled), {rec.configs} configurations, {rec.wall_s:.1f} s")
     return 0
+
+
+def _workload(args: argparse.Namespace, model: str) -> tuple[tuple[float, ...], tuple[int, ...]]:
+    """Rates and ranks from the flags, a trace or a lake run (twin/observed.py); says on stderr what was derived."""
+    if args.rates is not None:
+        return tuple(args.rates), tuple(args.ranks)
+    from adaptwin import config
+    from adaptwin.twin import observed
+
+    if args.trace is not None:
+        obs = observed.from_trace(args.trace, model, fmt=args.format, adapters=args.adapters,
+                                  ranks=tuple(args.ranks or (8,)))
+    else:
+        if args.last_windows is not None and args.last_windows < 1:
+            raise UserError(f"--last-windows must be >= 1, got {args.last_windows}")
+        obs = observed.from_lake(config.lake(args.lake), args.lake_run, model, last_windows=args.last_windows,
+                                 ranks=tuple(args.ranks) if args.ranks else None)
+    print(f"adaptwin recommend: workload of {obs.source}: {len(obs.rates)} adapters over {obs.span_s:.0f} s, "
+          f"{obs.offered_tokens_per_s:,.0f} offered tok/s, busiest {obs.rates[0]:.3g} req/s", file=sys.stderr)
+    return obs.rates, obs.ranks
