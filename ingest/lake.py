@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 
 from adaptwin import schemas
 from adaptwin.config import TOPICS
+from adaptwin.durable import fsync_dir
 
 # table name -> (topic, schema); the DuckDB views carry the same names.
 TABLES: dict[str, tuple[str, pa.Schema]] = {
@@ -61,11 +62,7 @@ def write_atomic(table: pa.Table, path: Path) -> None:
     with open(tmp, "rb") as fh:
         os.fsync(fh.fileno())
     os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # make the rename itself durable before the offset commit that follows
-    finally:
-        os.close(dir_fd)
+    fsync_dir(path.parent)  # make the rename itself durable before the offset commit that follows
 
 
 def files(root: Path, table: str, partition: int | None = None) -> list[LakeFile]:

@@ -40,6 +40,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from adaptwin.cliutil import UserError
+from adaptwin.durable import fsync_dir, lock_exclusive
 from adaptwin.ingest import lake
 
 log = logging.getLogger(__name__)
@@ -117,13 +118,8 @@ def reader_lock(root: Path, exclusive: bool = False) -> Iterator[None]:
 def _maintenance_lock(root: Path) -> Iterator[None]:
     if not root.is_dir():
         raise UserError(f"no lake at {root}; pass --lake (or set $ADAPTWIN_LAKE) to the sink's lake directory")
-    fd = os.open(root / MAINTENANCE_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise UserError(f"another `adaptwin lake compact` or `lake retention` is running on {root}; "
-                        f"wait for it to finish") from None
+    fd = lock_exclusive(root / MAINTENANCE_LOCK, f"another `adaptwin lake compact` or `lake retention` is running "
+                                                 f"on {root}; wait for it to finish")
     try:
         yield
     finally:
@@ -310,19 +306,11 @@ def _merge(root: Path, chunk: list[lake.LakeFile]) -> int:
         os.fsync(fh.fileno())
     with reader_lock(root, exclusive=True):
         os.replace(tmp, target)
-        _fsync_dir(directory)  # the merged file is durable before any input goes
+        fsync_dir(directory)  # the merged file is durable before any input goes
         for f in chunk:
             f.path.unlink(missing_ok=True)
-        _fsync_dir(directory)
+        fsync_dir(directory)
     return table.num_rows
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # -- retention ----------------------------------------------------------------------------------------

@@ -19,7 +19,6 @@ dead-letter producer is flushed before the offsets that carried them are committ
 from __future__ import annotations
 
 import datetime as dt
-import fcntl
 import json
 import logging
 import os
@@ -36,6 +35,7 @@ from kafka import TopicPartition
 from adaptwin import schemas
 from adaptwin.config import TOPICS
 from adaptwin.cliutil import UserError
+from adaptwin.durable import fsync_dir, lock_exclusive, write_bytes_atomic
 from adaptwin.kafka import cluster_id, commit_offsets, make_consumer, make_producer, topic_partitions
 from adaptwin.ingest import lake
 
@@ -191,14 +191,8 @@ class LakeSink:
 def _lock_lake(root: Path, group_id: str) -> int:
     """An exclusive lock on ``<lake>/.sink.lock`` for the sink's lifetime (released on any exit)."""
     root.mkdir(parents=True, exist_ok=True)
-    fd = os.open(root / ".sink.lock", os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise UserError(f"another `adaptwin sink` is already writing {root} (this one: group {group_id!r}); "
-                        f"stop it first (two would write the same offsets twice)") from None
-    return fd
+    return lock_exclusive(root / ".sink.lock", f"another `adaptwin sink` is already writing {root} (this one: group "
+                                               f"{group_id!r}); stop it first (two would write the same offsets twice)")
 
 
 def _bind_lake(root: Path, bootstrap: str, group_id: str) -> None:
@@ -214,9 +208,8 @@ def _bind_lake(root: Path, bootstrap: str, group_id: str) -> None:
     try:
         owner = json.loads(path.read_text())
     except FileNotFoundError:
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(wanted) + "\n")
-        os.replace(tmp, path)
+        write_bytes_atomic(path, (json.dumps(wanted) + "\n").encode())
+        fsync_dir(root)
         return
     except (OSError, ValueError) as err:
         raise UserError(f"cannot read {path} ({err}); it says which Kafka cluster and sink group own this lake") from None

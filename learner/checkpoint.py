@@ -23,6 +23,8 @@ import pickle
 from pathlib import Path
 from typing import Any
 
+from adaptwin.durable import fsync_dir, write_bytes_atomic
+
 __all__ = ["CheckpointError", "load", "read_meta", "save"]
 
 STATE = "state.pkl"
@@ -33,30 +35,13 @@ class CheckpointError(RuntimeError):
     """A checkpoint that exists but cannot be read."""
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def save(directory: str | os.PathLike, state: Any, meta: dict) -> None:
     """Write ``state`` (pickled) and ``meta`` (JSON) into ``directory``, each atomically."""
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
-    _write_atomic(d / STATE, pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL))
-    _write_atomic(d / META, (json.dumps(meta, sort_keys=True) + "\n").encode())
-    _fsync_dir(d)
+    write_bytes_atomic(d / STATE, pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL))
+    write_bytes_atomic(d / META, (json.dumps(meta, sort_keys=True) + "\n").encode())
+    fsync_dir(d)
 
 
 def load(directory: str | os.PathLike) -> Any | None:

@@ -22,7 +22,6 @@ directory refuses a second learner on the same state.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import logging
@@ -39,6 +38,7 @@ from kafka.structs import OffsetAndMetadata
 from adaptwin import schemas
 from adaptwin.cliutil import UserError
 from adaptwin.config import TOPICS
+from adaptwin.durable import lock_exclusive
 from adaptwin.learner import checkpoint
 from adaptwin.learner.stream import STATE_FORMAT, StreamConfig, StreamLearner, Timings
 from adaptwin.learner.workload import WindowError
@@ -133,22 +133,11 @@ def _new_learner(cfg: LearnerConfig) -> StreamLearner:
     return learner
 
 
-class _Lock:
+def _lock_checkpoint(directory: Path) -> int:
     """An exclusive lock file in the checkpoint directory (released by the OS when the process dies)."""
-
-    def __init__(self, directory: Path) -> None:
-        directory.mkdir(parents=True, exist_ok=True)
-        self.path = directory / ".lock"
-        self.fh = open(self.path, "w")
-        try:
-            fcntl.flock(self.fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self.fh.close()
-            raise UserError(f"another `adaptwin learn` holds {self.path}; stop it or use another "
-                            "--checkpoint") from None
-
-    def release(self) -> None:
-        self.fh.close()
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / ".lock"
+    return lock_exclusive(path, f"another `adaptwin learn` holds {path}; stop it or use another --checkpoint")
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -157,12 +146,12 @@ def run(cfg: LearnerConfig) -> dict:
     from adaptwin.kafka import cluster_id, make_consumer, make_producer, topic_partitions, wait_for_broker
 
     started = time.monotonic()
-    lock = _Lock(Path(cfg.checkpoint_dir))
+    lock = _lock_checkpoint(Path(cfg.checkpoint_dir))
     wait_for_broker(cfg.bootstrap, timeout_s=30)
     cfg = replace(cfg, cluster_id=cluster_id(cfg.bootstrap))
     saved = (checkpoint.read_meta(cfg.checkpoint_dir) or {}).get("cluster_id")
     if saved not in (None, cfg.cluster_id):
-        lock.release()
+        os.close(lock)
         raise UserError(f"checkpoint {cfg.checkpoint_dir} holds offsets of Kafka cluster {saved}, the broker at "
                         f"{cfg.bootstrap} is cluster {cfg.cluster_id} (a new broker starts its offsets again at 0): "
                         "use another --checkpoint and --group, or the broker it was made with")
@@ -223,7 +212,7 @@ def run(cfg: LearnerConfig) -> dict:
             producer.close()
         finally:
             consumer.close(autocommit=False)
-            lock.release()
+            os.close(lock)
 
 
 def _ask_twin(cfg: LearnerConfig):
