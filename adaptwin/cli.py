@@ -74,3 +74,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         logging.getLogger("adaptwin").warning("interrupted")
         return 130
+    except Exception as err:
+        if type(err).__module__.split(".")[0] != "kafka":
+            raise
+        from adaptwin.kafka import EXIT_BROKER_STALLED
+
+        print(f"adaptwin: error: the Kafka broker failed or stopped answering ({type(err).__name__}: {err}); "
+              "nothing committed is lost: run the command again", file=sys.stderr)
+        return EXIT_BROKER_STALLED

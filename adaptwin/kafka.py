@@ -8,7 +8,10 @@ only after its output is durable.
 from __future__ import annotations
 
 import logging
+import os
 import socket
+import sys
+import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
@@ -25,6 +28,16 @@ from adaptwin.config import TOPIC_PARTITIONS, TOPICS
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+
+# A blocking client call that takes longer than this: the broker is gone, or the client is stuck.
+CALL_TIMEOUT_S = 60.0
+# A transactional call still waiting this long after the broker answers again is stuck (a restarted broker
+# loads its coordinators in a few seconds); one waiting this long in all gives up on the broker.
+STUCK_S = 20.0
+DOWN_S = 600.0
+# The exit status of a process that gave up on the broker (EX_TEMPFAIL): run it again and it resumes from its
+# last commit, which is all that survives it anyway.
+EXIT_BROKER_STALLED = 75
 
 START_HINT = ("start the local broker with `make kafka-up` (or deploy/kafka/kafka.sh up), "
               "or point --bootstrap / $ADAPTWIN_BOOTSTRAP at a running broker")
@@ -242,7 +255,52 @@ def commit_offsets(consumer: KafkaConsumer, last_offsets: Mapping[TopicPartition
     """Commit, for each partition, the offset after the last record processed (last + 1)."""
     if not last_offsets:
         return
-    consumer.commit({tp: OffsetAndMetadata(last + 1, metadata, -1) for tp, last in last_offsets.items()})
+    consumer.commit({tp: OffsetAndMetadata(last + 1, metadata, -1) for tp, last in last_offsets.items()},
+                    timeout_ms=int(CALL_TIMEOUT_S * 1000))
+
+
+def committed_offset(consumer: KafkaConsumer, tp: TopicPartition, metadata: bool = False):
+    """The group's committed offset of ``tp`` (None if none); KafkaTimeoutError after CALL_TIMEOUT_S (kafka-python
+    waits forever by default, e.g. for a group coordinator that never comes back)."""
+    return consumer.committed(tp, metadata=metadata, timeout_ms=int(CALL_TIMEOUT_S * 1000))
+
+
+@contextmanager
+def exit_if_stalled(what: str, bootstrap: str, stuck_s: float = STUCK_S, down_s: float = DOWN_S) -> Iterator[None]:
+    """Exit the process (EXIT_BROKER_STALLED) if the block is still running ``stuck_s`` after the broker answers
+    again, or ``down_s`` in all.
+
+    kafka-python 3.0.12's transactional calls (send_offsets_to_transaction, commit_transaction,
+    abort_transaction) wait without a timeout and cannot be interrupted, and after a broker restart one was seen
+    to wait forever with the broker back up. A process stuck like that is worse than one that exits: what it
+    committed is in Kafka, and run again (by hand, a supervisor, compose's restart policy) it fences its own
+    open transaction and resumes from its last commit. While the broker is down, waiting is right: the call
+    goes on by itself once it is back.
+    """
+    done = threading.Event()
+
+    def watch() -> None:
+        t0 = up_since = time.monotonic()
+        while not done.wait(0.5):
+            now = time.monotonic()
+            if not _listening(bootstrap, timeout_s=0.5):
+                up_since = now
+            if now - up_since >= stuck_s or now - t0 >= down_s:
+                break
+        else:
+            return
+        log.error("%s is stuck (%.0f s, the broker answering for the last %.0f s): the Kafka client did not "
+                  "recover. Exiting (status %d); run the same command again: it resumes from its last commit",
+                  what, time.monotonic() - t0, time.monotonic() - up_since, EXIT_BROKER_STALLED)
+        sys.stderr.flush()
+        os._exit(EXIT_BROKER_STALLED)
+
+    watcher = threading.Thread(target=watch, name="exit-if-stalled", daemon=True)
+    watcher.start()
+    try:
+        yield
+    finally:
+        done.set()
 
 
 def consumer_lag(bootstrap: str, group_id: str, topics: Iterable[str] | None = None,

@@ -71,10 +71,11 @@ class Consumer:
 
 
 def _replay_argv(s: Scenario) -> list[str]:
-    # small transactions and flushes: a kill lands inside an open transaction most of the time
+    # small transactions and flushes: a kill lands inside an open transaction most of the time; paced (a trace
+    # hour in 24 s) so that the faults land mid-replay however fast the machine
     return ADAPTWIN + ["replay", "--run-id-in", s.ingest_run, "--run-id", s.replay_run, "--served", "12",
                        "--max-loras", "4", "--bootstrap", s.bootstrap, "--json", "--no-progress",
-                       "--commit-interval", "0.3", "--flush-records", "200"]
+                       "--commit-interval", "0.3", "--flush-records", "200", "--speedup", "150"]
 
 
 def _sink_argv(s: Scenario) -> list[str]:
@@ -89,8 +90,8 @@ def _learner_argv(s: Scenario) -> list[str]:
 
 
 # The consumers under fault injection (the fault tests and the table use these). The streaming learner is
-# defined below and checked (one recommendation per window, none twice) but not yet in the default list:
-# the lead adds it, and the sweep worker (`adaptwin twin worker`, check: one result per task), when they land.
+# optional (`--with learner`; checked: one recommendation per window, none twice); the sweep workers have
+# their own fault test (tests/e2e/test_sweep_faults.py).
 CONSUMERS: list[Consumer] = [
     Consumer("replay", _replay_argv, to_completion=True),
     Consumer("sink", _sink_argv, to_completion=False),

@@ -36,7 +36,8 @@ from adaptwin import schemas
 from adaptwin.config import TOPICS
 from adaptwin.cliutil import UserError
 from adaptwin.durable import fsync_dir, lock_exclusive, write_bytes_atomic
-from adaptwin.kafka import cluster_id, commit_offsets, make_consumer, make_producer, topic_partitions
+from adaptwin.kafka import (cluster_id, commit_offsets, committed_offset, make_consumer, make_producer,
+                            topic_partitions)
 from adaptwin.ingest import lake
 
 log = logging.getLogger(__name__)
@@ -175,7 +176,7 @@ class LakeSink:
     def _resume(self, partitions: list[TopicPartition]) -> None:
         """Drop lake files past each partition's committed offset, then read on from that offset."""
         for tp in partitions:
-            committed = self._consumer.committed(tp)
+            committed = committed_offset(self._consumer, tp)
             removed = lake.drop_uncommitted(self.config.lake, lake.TABLE_OF_TOPIC[tp.topic], tp.partition,
                                             committed or 0)
             if removed:

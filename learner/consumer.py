@@ -39,6 +39,7 @@ from adaptwin import schemas
 from adaptwin.cliutil import UserError
 from adaptwin.config import TOPICS
 from adaptwin.durable import lock_exclusive
+from adaptwin.kafka import committed_offset, exit_if_stalled
 from adaptwin.learner import checkpoint
 from adaptwin.learner.stream import STATE_FORMAT, StreamConfig, StreamLearner, Timings
 from adaptwin.learner.workload import WindowError
@@ -173,7 +174,7 @@ def run(cfg: LearnerConfig) -> dict:
         committed = {}
         meta = None
         for tp in tps:
-            om = consumer.committed(tp, metadata=True)
+            om = committed_offset(consumer, tp, metadata=True)
             committed[tp] = om.offset if om is not None and om.offset is not None and om.offset >= 0 else None
             if tp == tps[0] and om is not None:
                 meta = om.metadata
@@ -368,9 +369,11 @@ def _commit(cfg: LearnerConfig, producer, recs: list[dict], dead: list[dict], of
         if dead:
             producer.send(cfg.deadletter_topic, key=b"learner", value=schemas.encode(dead)).add_errback(failures.append)
         meta = _progress_meta(learner)
-        producer.send_offsets_to_transaction(
-            {tp: OffsetAndMetadata(off, meta if tp == meta_tp else "", -1) for tp, off in offsets.items()}, cfg.group)
-        producer.commit_transaction()
+        with exit_if_stalled(f"learner {cfg.group}: committing a transaction", cfg.bootstrap):
+            producer.send_offsets_to_transaction(
+                {tp: OffsetAndMetadata(off, meta if tp == meta_tp else "", -1) for tp, off in offsets.items()},
+                cfg.group)
+            producer.commit_transaction()
     except (kerrors.ProducerFencedError, kerrors.InvalidProducerEpochError) as err:
         raise UserError(f"another learner with group {cfg.group!r} started and took over ({type(err).__name__}); "
                         "this one stops") from None

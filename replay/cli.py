@@ -38,7 +38,10 @@ def _add_replay(sub) -> None:
                                    "exactly once (Kafka transactions). See docs/replay.md.")
     p.add_argument("--backend", choices=["twin", "vllm"], default="twin")
     p.add_argument("--url", default=None, help="vLLM server (backend vllm), e.g. http://127.0.0.1:8000")
-    p.add_argument("--speedup", type=float, default=1.0, help="backend vllm: trace seconds per wall second")
+    p.add_argument("--speedup", type=float, default=None,
+                   help="trace seconds per wall second. Backend vllm: each request is sent at ts/SPEEDUP (default "
+                        "1). Backend twin: paces the replay to it, e.g. to watch a run live on the dashboard "
+                        "(default: as fast as it can; the results do not depend on it)")
     p.add_argument("--token-ids", type=int_list, default=None, metavar="LO,HI",
                    help="backend vllm: prompts are random token ids in [LO, HI) (default 100,500; a small "
                         "vocabulary, e.g. the tiny CPU model's 480, needs a lower HI)")
@@ -96,7 +99,9 @@ def default_run_id(args: argparse.Namespace) -> str:
     """Derived from the input and the configuration, so that re-running the same command resumes the same replay."""
     what = args.run_id_in or os.path.basename(str(args.source)).split(".")[0]
     knobs = [args.backend, args.served, args.max_loras, args.max_lora_rank, args.ranks, args.model, args.profile,
-             args.window, args.tick, args.duration, args.url, args.speedup, args.source and
+             args.window, args.tick, args.duration, args.url,
+             # the twin's results do not depend on its pace: the same replay whatever --speedup
+             (args.speedup or 1.0) if args.backend == "vllm" else 1.0, args.source and
              (args.format, args.columns, args.adapters, args.popularity, args.seed, args.limit)]
     digest = hashlib.sha1(repr(knobs).encode()).hexdigest()[:8]
     rid = f"replay-{what}-{args.backend}-s{args.served}-g{args.max_loras}-{digest}"
@@ -120,7 +125,7 @@ def _replay(args: argparse.Namespace) -> int:
         run_id=run_id, served=args.served, max_loras=args.max_loras, max_lora_rank=args.max_lora_rank,
         model=args.model, ranks=tuple(args.ranks) if args.ranks else None, window_s=args.window, tick_s=args.tick,
         duration_s=args.duration, max_backlog=args.max_backlog, commit_interval_s=args.commit_interval,
-        flush_records=args.flush_records,
+        flush_records=args.flush_records, pace=args.speedup if args.backend == "twin" else None,
         discover_s=args.discover if args.discover is not None else (600.0 if args.backend == "twin" else 0.0),
         source_name=args.source or config.TOPICS.requests)
     bootstrap = config.bootstrap(args.bootstrap)
@@ -187,7 +192,7 @@ def _backend(args: argparse.Namespace):
         if len(args.token_ids) != 2 or not 0 <= args.token_ids[0] < args.token_ids[1]:
             raise UserError(f"--token-ids needs LO,HI with 0 <= LO < HI, got {args.token_ids}")
         kw["token_ids"] = tuple(args.token_ids)
-    return VllmBackend(url=args.url, speedup=args.speedup, api_key=api_key, **kw)
+    return VllmBackend(url=args.url, speedup=args.speedup or 1.0, api_key=api_key, **kw)
 
 
 def _emitter(args: argparse.Namespace, bootstrap: str, run_id: str, group_id: str):

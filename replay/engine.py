@@ -64,6 +64,7 @@ class ReplayOptions:
     discover_s: float = 600.0  # ranks are learnt from the requests that arrive before this trace time
     flush_records: int = FLUSH_RECORDS  # records buffered before they are sent (inside the open transaction)
     source_name: str = ""  # for dead letters
+    pace: float | None = None  # trace seconds per wall second; None: as fast as it can
 
     def __post_init__(self) -> None:
         if self.served < 1 or self.max_loras < 1:
@@ -79,6 +80,8 @@ class ReplayOptions:
             raise UserError(f"--duration must be a positive number of seconds, got {self.duration_s}")
         if self.max_backlog < 1:
             raise UserError(f"--max-backlog must be >= 1, got {self.max_backlog}")
+        if self.pace is not None and not (self.pace > 0 and math.isfinite(self.pace)):
+            raise UserError(f"--speedup must be a positive number, got {self.pace}")
         # a window is a whole number of ticks
         n = max(1, round(self.window_s / self.tick_s))
         object.__setattr__(self, "tick_s", self.window_s / n)
@@ -173,6 +176,7 @@ class Replay:
         self._loads = 0  # cumulative adapter loads at the last sample
         self._gsum = [0.0, 0.0, 0.0]  # span-weighted running, waiting, kv_usage of the closed windows
         self._gspan = 0.0
+        self._pace_origin: tuple[float, float] | None = None  # (wall, trace time) of the first paced tick
 
     # ---------------------------------------------------------------------------------------------------------
     def run(self) -> dict:
@@ -200,6 +204,7 @@ class Replay:
                     if src.ended() and end == INF:
                         break  # the end is the last arrival's window: the loop below runs up to it
                     while (k + 1) * tick <= wm and k * tick < end:
+                        self._pace(k, k * tick, min((k + 1) * tick, end))
                         self._tick(k, k * tick, min((k + 1) * tick, end))
                         k += 1
                         bar.update(tick)
@@ -210,6 +215,7 @@ class Replay:
                         break
             end_ts = self._end_ts()
             while k * tick < end_ts:
+                self._pace(k, k * tick, min((k + 1) * tick, end_ts))
                 self._tick(k, k * tick, min((k + 1) * tick, end_ts))
                 k += 1
                 bar.update(tick)
@@ -217,6 +223,18 @@ class Replay:
         finally:
             bar.close()
         return summary
+
+    def _pace(self, k: int, a: float, b: float) -> None:
+        """With ``pace``: wait until the wall clock reaches trace time ``b`` (ticks a restarted replay re-creates
+        are not paced again)."""
+        if self.opt.pace is None or k <= self.resume.tick:
+            return
+        if self._pace_origin is None:
+            self._pace_origin = (time.perf_counter(), a)
+        wall0, ts0 = self._pace_origin
+        delay = wall0 + (b - ts0) / self.opt.pace - time.perf_counter()
+        if delay > 0:
+            time.sleep(delay)
 
     def _end_ts(self) -> float:
         if self.opt.duration_s is not None:

@@ -24,6 +24,7 @@ from kafka import errors as kerrors
 from adaptwin import schemas
 from adaptwin.cliutil import UserError
 from adaptwin.config import TOPICS
+from adaptwin.kafka import committed_offset, exit_if_stalled
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +145,7 @@ class KafkaEmitter:
     def resume(self) -> Checkpoint | None:
         consumer = self._make_consumer(self._bootstrap, self.group_id)
         try:
-            committed = consumer.committed(self.checkpoint_tp, metadata=True)
+            committed = committed_offset(consumer, self.checkpoint_tp, metadata=True)
         finally:
             consumer.close(autocommit=False)
         return Checkpoint.from_metadata(committed.metadata) if committed is not None else None
@@ -184,8 +185,9 @@ class KafkaEmitter:
         payload = {tp: OffsetAndMetadata(int(off), meta if tp == self.checkpoint_tp else "", -1)
                    for tp, off in offsets.items()}
         try:
-            self._producer.send_offsets_to_transaction(payload, self.group_id)
-            self._producer.commit_transaction()
+            with exit_if_stalled(f"replay {self.run_id}: committing a transaction", self._bootstrap):
+                self._producer.send_offsets_to_transaction(payload, self.group_id)
+                self._producer.commit_transaction()
         except (kerrors.ProducerFencedError, kerrors.InvalidProducerEpochError) as err:
             self._in_txn = False
             raise UserError(f"another replay with run id {self.run_id!r} started and took over ({type(err).__name__}); "
@@ -199,7 +201,8 @@ class KafkaEmitter:
             return
         try:
             if self._in_txn:
-                self._producer.abort_transaction()
+                with exit_if_stalled(f"replay {self.run_id}: aborting a transaction", self._bootstrap):
+                    self._producer.abort_transaction()
         except kerrors.KafkaError as err:  # fenced or broker gone: the broker aborts it at the timeout anyway
             log.warning("could not abort the open transaction of replay %s: %s", self.run_id, err)
         finally:

@@ -34,6 +34,7 @@ from kafka import errors as kerrors
 
 from adaptwin import schemas
 from adaptwin.config import TOPICS
+from adaptwin.kafka import exit_if_stalled
 
 __all__ = ["WorkerConfig", "SweepWorker", "publish_tasks", "collect_results", "DEFAULT_GROUP"]
 
@@ -147,12 +148,14 @@ class SweepWorker:
                                    value=schemas.encode([{"v": V, **row}]))
             else:
                 self.producer.send(TOPICS.deadletter, key=b"sweep", value=schemas.encode([dead]))
-            self.producer.send_offsets_to_transaction({tp: OffsetAndMetadata(msg.offset + 1, "", -1)},
-                                                      self.cfg.group)
-            self.producer.commit_transaction()
+            with exit_if_stalled(f"sweep worker {self.worker_id}: committing a transaction", self.cfg.bootstrap):
+                self.producer.send_offsets_to_transaction({tp: OffsetAndMetadata(msg.offset + 1, "", -1)},
+                                                          self.cfg.group)
+                self.producer.commit_transaction()
         except kerrors.KafkaError:
             try:
-                self.producer.abort_transaction()
+                with exit_if_stalled(f"sweep worker {self.worker_id}: aborting a transaction", self.cfg.bootstrap):
+                    self.producer.abort_transaction()
             except kerrors.KafkaError:
                 pass
             raise

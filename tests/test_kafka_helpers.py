@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
+import subprocess
+import sys
 import time
 from collections import defaultdict
 
@@ -12,7 +15,7 @@ from kafka.codec import zstd_decode, zstd_encode
 from adaptwin.broker import free_port
 from adaptwin.cliutil import UserError
 from adaptwin.config import TOPIC_PARTITIONS, TOPICS
-from adaptwin.kafka import (PRODUCER_DEFAULTS, admin_client, commit_offsets, consumer_lag, ensure_topics,
+from adaptwin.kafka import (EXIT_BROKER_STALLED, PRODUCER_DEFAULTS, admin_client, commit_offsets, consumer_lag, ensure_topics,
                             make_consumer, make_producer, wait_for_broker)
 
 
@@ -144,3 +147,79 @@ def test_wait_for_broker_on_dead_port_says_what_to_do():
 def test_producer_on_dead_port_raises_user_error():
     with pytest.raises(UserError, match="make kafka-up"):
         make_producer(f"127.0.0.1:{free_port()}", bootstrap_timeout_ms=1000)
+
+
+_STALL = """
+import socket, sys, time
+from adaptwin.broker import free_port
+from adaptwin.kafka import exit_if_stalled
+port = free_port()
+if sys.argv[1] == "up":  # something answers on the bootstrap port, as a restarted broker does
+    server = socket.create_server(("127.0.0.1", port))
+with exit_if_stalled("committing a transaction", f"127.0.0.1:{port}", stuck_s=1.0, down_s=float(sys.argv[2])):
+    time.sleep(float(sys.argv[3]))
+time.sleep(1.5)
+print("alive")
+"""
+
+
+def _stall(broker: str, down_s: float, call_s: float) -> tuple[subprocess.CompletedProcess, float]:
+    t0 = time.monotonic()
+    out = subprocess.run([sys.executable, "-c", _STALL, broker, str(down_s), str(call_s)], capture_output=True,
+                         text=True, timeout=120)
+    return out, time.monotonic() - t0
+
+
+def test_a_call_stuck_with_the_broker_up_exits_the_process_so_that_it_can_be_run_again():
+    out, wall = _stall("up", down_s=600, call_s=60)
+    assert out.returncode == EXIT_BROKER_STALLED and "alive" not in out.stdout
+    assert "committing a transaction is stuck" in out.stderr and "run the same command again" in out.stderr
+    assert wall < 40  # not the 60 s of the call
+    # while the broker is down the call may wait (it goes on when the broker is back), up to down_s in all
+    out, wall = _stall("down", down_s=3, call_s=60)
+    assert out.returncode == EXIT_BROKER_STALLED and wall < 40
+    # a call that returns in time disarms it
+    out, _ = _stall("up", down_s=600, call_s=0.2)
+    assert out.returncode == 0 and out.stdout.strip() == "alive"
+
+
+def test_committed_offset_gives_up_when_the_broker_is_gone(broker_factory, monkeypatch):
+    import adaptwin.kafka as kafka_module
+    from kafka.errors import KafkaError
+
+    broker = broker_factory()
+    ensure_topics(broker.bootstrap)
+    consumer = make_consumer(broker.bootstrap, "gone-group")
+    tp = TopicPartition(TOPICS.requests, 0)
+    try:
+        assert kafka_module.committed_offset(consumer, tp) is None  # no commit yet, broker up
+        broker.stop()
+        monkeypatch.setattr(kafka_module, "CALL_TIMEOUT_S", 3.0)
+        t0 = time.monotonic()
+        with pytest.raises(KafkaError):  # a timeout, or the refused connection: not a wait forever
+            kafka_module.committed_offset(consumer, tp)
+        assert time.monotonic() - t0 < 30
+    finally:
+        consumer.close(autocommit=False)
+
+
+def test_cli_turns_a_kafka_failure_into_a_clear_error_and_the_retry_status(capsys, monkeypatch):
+    from kafka.errors import KafkaTimeoutError
+
+    from adaptwin import cli
+
+    real = cli.build_parser
+
+    def stalls(_args):
+        raise KafkaTimeoutError("commit took too long")
+
+    def parser():  # the real parser, and a command that meets a broker that stopped answering
+        p = real()
+        parse = p.parse_args
+        p.parse_args = lambda argv=None: argparse.Namespace(**{**vars(parse(argv)), "func": stalls})
+        return p
+
+    monkeypatch.setattr(cli, "build_parser", parser)
+    assert cli.main(["twin", "run", "--model", "llama-3.1-8b-instruct", "--served", "4", "--max-loras", "2"]) == EXIT_BROKER_STALLED
+    err = capsys.readouterr().err
+    assert "Kafka broker failed or stopped answering" in err and "commit took too long" in err

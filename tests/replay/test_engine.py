@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import numpy as np
 import pytest
 
 from adaptwin import schemas
+from adaptwin.cliutil import UserError
 from adaptwin.replay.backends.twin import TwinBackend, adapter_index
 from adaptwin.replay.engine import Replay, ReplayOptions, infer_ranks
 from adaptwin.replay.source import RecordSource
@@ -175,7 +177,6 @@ def test_restart_with_changed_input_refuses_to_continue(lengths):
     records = _records(arrivals, ranks)
     opts = ReplayOptions(run_id="test", served=4, max_loras=2, model=MODEL, duration_s=120.0)
     cp = Checkpoint(tick=60, telemetry=1, windows=0, dead=0)
-    from adaptwin.cliutil import UserError
     with pytest.raises(UserError, match="did not re-create"):
         Replay(opts, RecordSource(_partitioned(records)), TwinBackend(), MemoryEmitter(), checkpoint=cp).run()
 
@@ -184,3 +185,23 @@ def test_infer_ranks_follows_the_round_robin_pattern():
     assert infer_ranks(6, np.array([0, 1, 2, 4]), np.array([8, 16, 8, 8])) == (8, 16, 8, 16, 8, 16)
     assert infer_ranks(3, np.array([], dtype=np.int64), np.array([], dtype=np.int64)) == (8, 8, 8)
     assert infer_ranks(4, np.array([0, 1, 9]), np.array([32, 8, 64])) == (32, 8, 32, 8)
+
+
+def test_pace_slows_the_twin_to_the_wall_clock_without_changing_results(lengths):
+    arrivals, ranks = paper_workload([0.3], [8], 4, 240.0, seed=9, lengths=lengths)
+    records = _records(arrivals, ranks)
+    fast, fast_em = _replay(records, 4, 2, duration=240.0)
+    paced, paced_em = _replay(records, 4, 2, duration=240.0, pace=200.0)  # 240 trace s: at least 1.2 wall s
+    assert paced["wall_s"] >= 240.0 / 200.0 - 0.01 > fast["wall_s"]
+    assert paced_em.telemetry == fast_em.telemetry and paced_em.windows == fast_em.windows
+    # a restarted replay re-creates the committed ticks at full speed and paces only the rest
+    opts = ReplayOptions(run_id="test", served=4, max_loras=2, model=MODEL, duration_s=240.0, commit_interval_s=0.0)
+    first = MemoryEmitter()
+    Replay(opts, RecordSource(_partitioned(records)), TwinBackend(), first).run()
+    cp = first.checkpoints[199]
+    restarted = Replay(dataclasses.replace(opts, pace=200.0), RecordSource(_partitioned(records)), TwinBackend(),
+                       MemoryEmitter(), checkpoint=cp)
+    restarted.run()
+    assert restarted._pace_origin[1] == (cp.tick + 1) * opts.tick_s
+    with pytest.raises(UserError, match="speedup"):
+        ReplayOptions(run_id="test", served=4, max_loras=2, pace=0.0)

@@ -106,7 +106,8 @@ def test_sigkilled_replay_restarts_without_duplicate_telemetry(bootstrap, tmp_pa
     run_id = f"rk-{uuid.uuid4().hex[:8]}"
     # small flushes: records reach the broker inside the open transaction, which the kill leaves to be aborted
     cmd = _replay_cmd(bootstrap, run_in, run_id, "--commit-interval", "1.0", "--flush-records", "50")
-    replay = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # paced (an hour of trace in about 24 s), so that a fast machine cannot finish before the kill
+    replay = subprocess.Popen(cmd + ["--speedup", "150"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
     cp = None
     while time.monotonic() < deadline and replay.poll() is None:
