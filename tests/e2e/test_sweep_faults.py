@@ -61,7 +61,9 @@ def test_worker_kills_and_a_broker_restart_mid_sweep_lose_and_duplicate_nothing(
         while SweepDataset(out).read().num_rows < 2 and time.monotonic() < deadline:
             assert sweep.poll() is None, (tmp_path / "sweep.log").read_text()[-3000:]
             time.sleep(0.1)
-        faults = ["kill", "broker", "kill"]
+        # the kills first and quickly, the slow broker restart last: a fast machine must not finish the sweep
+        # before the faults (it once did, with the restart in the middle)
+        faults = ["kill", "kill", "broker"]
         for fault in faults:
             if sweep.poll() is not None:
                 break
@@ -78,7 +80,7 @@ def test_worker_kills_and_a_broker_restart_mid_sweep_lose_and_duplicate_nothing(
             for wid, proc in workers.items():  # the supervisor: whatever died (a kill, the broker away) restarts
                 if proc.poll() is not None:
                     workers[wid] = _start(tmp_path / f"worker-{wid}.log", *worker, "--worker-id", wid)
-            time.sleep(rng.uniform(1.0, 3.0))
+            time.sleep(rng.uniform(0.3, 1.0))
         while sweep.poll() is None:
             for wid, proc in workers.items():
                 if proc.poll() is not None:
