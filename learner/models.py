@@ -93,10 +93,17 @@ class WindowKNN:
     3.5
     """
 
-    def __init__(self, keys: Sequence[str], k: int = 5, window: int = 1000, refresh: int = 32) -> None:
+    _fixed = None  # class default: a checkpoint pickled before ``scales`` existed loads as standardised
+
+    def __init__(self, keys: Sequence[str], k: int = 5, window: int = 1000, refresh: int = 32,
+                 scales: Sequence[float] | None = None) -> None:
         if k < 1 or window < 1 or refresh < 1:
             raise ValueError(f"k, window and refresh must be >= 1, got k={k}, window={window}, refresh={refresh}")
+        if scales is not None and (len(scales) != len(keys) or any(not math.isfinite(v) or v < 0 for v in scales)):
+            raise ValueError(f"scales must be one finite weight >= 0 per key ({len(keys)}), got {list(scales)}")
         self.keys = tuple(keys)
+        # fixed weights per feature (a metric in physical units) instead of the running standardisation
+        self._fixed = None if scales is None else np.asarray(scales, float)
         self.k = k
         self.window = window
         self.refresh = refresh
@@ -110,7 +117,7 @@ class WindowKNN:
         self._count = 0  # rows learned in all (for the running moments)
         self._mean = np.zeros(d)
         self._m2 = np.zeros(d)
-        self._inv = np.ones(d)
+        self._inv = np.ones(d) if self._fixed is None else self._fixed.copy()
 
     def __len__(self) -> int:
         """Rows held (at most ``window``)."""
@@ -120,8 +127,9 @@ class WindowKNN:
         return np.fromiter((x[k] for k in self.keys), float, len(self.keys))
 
     def _rescale(self) -> None:
-        var = self._m2 / max(1, self._count - 1)
-        self._inv = np.where(var > 0, 1.0 / np.sqrt(np.where(var > 0, var, 1.0)), 0.0)  # constant features weigh 0
+        if self._fixed is None:
+            var = self._m2 / max(1, self._count - 1)
+            self._inv = np.where(var > 0, 1.0 / np.sqrt(np.where(var > 0, var, 1.0)), 0.0)  # constant: weight 0
         self._xs[: self._n] = self._x[: self._n] * self._inv
         self._sq[: self._n] = (self._xs[: self._n] ** 2).sum(axis=1)
 
@@ -142,20 +150,43 @@ class WindowKNN:
             self._xs[i] = v * self._inv
             self._sq[i] = float(self._xs[i] @ self._xs[i])
 
-    def predict_one(self, x: dict) -> float | None:
+    def predict_one(self, x: dict, radius: float | None = None) -> float | None:
+        """Mean target of the ``k`` nearest rows; with ``radius``, of those among them within that distance (in
+        the scaled units), None when there is none."""
         n = self._n
         if not n:
             return None
-        if n <= self.k:
+        if n <= self.k and radius is None:
             return float(self._y[:n].mean())
         q = self._vec(x) * self._inv
         d2 = self._sq[:n] - 2.0 * (self._xs[:n] @ q)  # squared distance less |q|², the same for every row
-        idx = np.argpartition(d2, self.k - 1)[: self.k]
+        idx = np.argpartition(d2, self.k - 1)[: self.k] if n > self.k else np.arange(n)
+        if radius is not None:
+            idx = idx[d2[idx] + float(q @ q) <= radius * radius + 1e-12]
+            if not len(idx):
+                return None
         return float(self._y[idx].mean())
 
 
 TWIN_KEYS = ("is_qwen", "log2_served", "log2_max_loras", "max_lora_rank", "twin_gap")
-"""What the residual of the twin is learned on (plus ``head``, the capacity model's own answer)."""
+"""Session-2 keys of the twin's residual (plus ``head``, the capacity model's own answer), standardised: neighbours
+in *prediction* space. Kept for comparison (``twin_scales=None``); the default is :data:`CONFIG_KEYS`."""
+
+CONFIG_KEYS = ("log_total_rate", "log2_served", "log2_max_loras", "is_qwen", "max_lora_rank")
+CONFIG_SCALES = (1.0 / math.log(2.0), 1.0, 1.0, 0.1, 0.1 / 16.0)
+"""The twin's residual is learned over *configurations under traffic*, in a fixed metric of log2 units: a doubling
+of the offered rate, of the served adapters or of the slots is 1; another model or another adapter-rank set
+(max rank 16 vs 32) is 0.1 each. The twin's error is a property of the configuration (e.g. it is low on capacity
+with few slots for many adapters and high with many slots: docs/learner.md), not of the value it predicts."""
+
+SIBLING_RADIUS = 0.2
+"""Runs within this distance in :data:`CONFIG_SCALES` are *the same traffic and configuration* on another model or
+rank set (≤ 0.14 apart); the paper grid's smallest configuration step (320 → 384 served: 0.26 in served, and the
+total rate moves with it) is farther."""
+
+STARVATION_TWIN_WEIGHT = 0.5
+"""Weight of the sibling-corrected twin in the ``twin`` starvation call (the model's answer has the rest): equal,
+because near the 0.9 cut neither answer is better (alone at that cut, each misses 15-16 of the 294 real runs)."""
 
 CAPACITY_KEYS = ("is_qwen", "log2_served", "log2_max_loras", "max_lora_rank", "rank_mean", "rank32_share", "rate_cv",
                  "top_share", "hot_adapters", "cap_gap", "slots_over_served", "log_ideal", "log_cap")
@@ -197,20 +228,29 @@ class CapacityRegressor:
 
     corrects_itself = True
     """Tells :class:`ThroughputLearner` to call :meth:`learn_one` after a warm start (no outside corrector)."""
+    sibling_radius = SIBLING_RADIUS  # class defaults: checkpoints pickled before session 3 still load
+    starvation_twin_weight = STARVATION_TWIN_WEIGHT
 
     def __init__(self, z_regressor, keys: Sequence[str] = CAPACITY_KEYS, margin: float = 0.03,
                  correction_k: int = 3, correction_window: int = 200, correction_keys: Sequence[str] | None = None,
-                 knee_k: int = 0, knee_window: int = 1000, twin_k: int = 3, twin_window: int = 200,
-                 twin_keys: Sequence[str] = TWIN_KEYS) -> None:
+                 knee_k: int = 0, knee_window: int = 1000, twin_k: int = 3, twin_window: int = 1000,
+                 twin_keys: Sequence[str] = CONFIG_KEYS, correction_scales: Sequence[float] | None = None,
+                 twin_scales: Sequence[float] | None = CONFIG_SCALES, sibling_radius: float = SIBLING_RADIUS,
+                 starvation_twin_weight: float = STARVATION_TWIN_WEIGHT) -> None:
         self.z = z_regressor
         self.keys = tuple(keys)
         self.margin = margin
-        self.dz = WindowKNN(tuple(correction_keys or keys), k=correction_k, window=correction_window)
+        self.dz = WindowKNN(tuple(correction_keys or keys), k=correction_k, window=correction_window,
+                            scales=correction_scales)
         # the ratio of runs that were not starved: near the knee (load close to capacity) it dips below 1
         self._free = _FreeRatio(knee_k, knee_window)  # prior (warm) runs
         self._free_seen = _FreeRatio(knee_k, knee_window)  # observed runs (after a warm start)
         # rows that carry the twin's own prediction (``twin_gap``): learn the twin's residual instead
-        self.twin = WindowKNN(tuple(twin_keys) + ("head",), k=twin_k, window=twin_window)
+        # (with ``twin_scales``: exactly ``twin_keys`` under that fixed metric, e.g. the configuration alone)
+        self.twin = (WindowKNN(tuple(twin_keys) + ("head",), k=twin_k, window=twin_window) if twin_scales is None
+                     else WindowKNN(tuple(twin_keys), k=twin_k, window=twin_window, scales=twin_scales))
+        self.sibling_radius = sibling_radius
+        self.starvation_twin_weight = starvation_twin_weight
         self._sq_err = (collections.deque(maxlen=50), collections.deque(maxlen=50))  # own, twin: recent errors
         self.n_warm = 0
 
@@ -238,7 +278,7 @@ class CapacityRegressor:
         return self._combine(x, head, self._free_seen if self._free_seen.ready else self._free)
 
     def _twin_x(self, x: dict, own: float) -> dict:
-        return {**{k: x[k] for k in self.twin.keys if k != "head"}, "head": own}
+        return {**{k: x[k] for k in self.twin.keys if k != "head"}, "head": own}  # "head" unused when not a key
 
     def _twin_answer(self, x: dict, own: float) -> float | None:
         if "twin_gap" not in x or len(self.twin) < self.twin.k:
@@ -253,12 +293,26 @@ class CapacityRegressor:
         return (1 / e_twin) / (1 / e_own + 1 / e_twin)
 
     def predict_one(self, x: dict) -> float:
+        return self.predict_with_starvation(x)[0]
+
+    def predict_with_starvation(self, x: dict) -> tuple[float, float | None]:
+        """The log ratio (as :meth:`predict_one`) and, for a row with ``twin_gap``, the log ratio of the starvation
+        call: the model's own answer and the twin corrected by its residual on runs of the same traffic and
+        configuration (other model or rank set; none seen: the twin as is), weighted
+        :data:`STARVATION_TWIN_WEIGHT`. The throughput blend weighs by recent squared errors, which large misses
+        far from the knee set; the starvation call only needs the side of 0.9, where the two are on a par."""
         own = self._own(x)
+        if "twin_gap" not in x:
+            return own, None
+        sib = self.twin.predict_one(self._twin_x(x, own), radius=self.sibling_radius)
+        twin_sib = min(0.0, x["twin_gap"] + (sib if sib is not None and math.isfinite(sib) else 0.0))
+        ws = self.starvation_twin_weight
+        starvation = ws * twin_sib + (1 - ws) * own
         twin = self._twin_answer(x, own)
         if twin is None:
-            return own
+            return own, starvation
         w = self._weight()
-        return w * twin + (1 - w) * own
+        return w * twin + (1 - w) * own, starvation
 
     def _learn(self, model, zx: dict, x: dict, y: float, free: "_FreeRatio", offset: float) -> None:
         z_seen = y - x["cap_gap"] - offset  # log(throughput / closed-form capacity), less the prior's part
@@ -438,6 +492,10 @@ class Prediction:
     starved_margin: int | None = None
     """1 when the predicted log ratio is at or below the learned threshold (:class:`MarginThreshold`)."""
 
+    starved_twin: int | None = None
+    """With the twin's prediction as a feature: 1 when the starvation call of
+    :meth:`CapacityRegressor.predict_with_starvation` (model and sibling-corrected twin) is ≤ log 0.9; else None."""
+
     @property
     def starved_classifier(self) -> int:
         if self.starvation_prob is None:
@@ -452,6 +510,9 @@ class ThroughputLearner:
     used after a warm start; ``classifier``: a river classifier (or None); ``alpha``/``window``: the conformal
     interval's miss rate and residual window.
     """
+
+    _starvation: float | None = None
+    """The regressor's starvation log ratio from the last ``_log_ratio`` call (class default for old checkpoints)."""
 
     def __init__(self, regressor, classifier=None, corrector_window: int = 200, alpha: float = 0.1,
                  window: int = 200) -> None:
@@ -491,9 +552,12 @@ class ThroughputLearner:
 
     def _log_ratio(self, x: dict) -> tuple[float, float]:
         if self._self_correcting:  # prior and correction in one model: one query
-            y = self.regressor.predict_one(x)
+            y, self._starvation = (self.regressor.predict_with_starvation(x)
+                                   if hasattr(self.regressor, "predict_with_starvation")
+                                   else (self.regressor.predict_one(x), None))
             y = float(y) if y is not None and math.isfinite(y) else 0.0
             return y, max(math.log(_FLOOR), min(0.0, y))
+        self._starvation = None
         prior = self.prior_log_ratio(x)
         y = prior
         if self.n_warm and self.corrector is not None and self.n_learned:
@@ -513,6 +577,7 @@ class ThroughputLearner:
     def predict_one(self, x: dict) -> Prediction:
         offered = self._offered(x)
         prior, y = self._log_ratio(x)
+        starvation = self._starvation
         self._last = (x, (prior, y))
         thr = offered * math.exp(y)
         hw = self.conformal.half_width()
@@ -522,7 +587,8 @@ class ThroughputLearner:
             proba = self.classifier.predict_proba_one({**x, "pred_log_ratio": y})
             prob = float(proba.get(1, 0.0)) if proba else 0.0
         return Prediction(thr, low, high, offered, y, int(math.exp(y) <= STARVED_RATIO), prob,
-                          int(y <= self.margin.value))
+                          int(y <= self.margin.value),
+                          None if starvation is None else int(math.exp(starvation) <= STARVED_RATIO))
 
     def warm_one(self, x: dict, throughput: float, starved: int) -> None:
         """Learn one twin run (prior regressor and classifier)."""
