@@ -24,10 +24,11 @@ reads ``/metrics`` with the replay's Prometheus parser (``gauges_from_metrics``)
   ``KV cache size: N tokens``; one row per start-up → ``est_kv_capacity.csv``. With ``--launch`` the server is
   restarted for each (max_loras, max_lora_rank) of ``--kv-grid`` and for each rank of ``--loading-ranks``.
 * **scheduler** — stock vLLM logs no scheduler time; its per-step cost per running request is inside the decode
-  slope. The part the twin models separately, waiting requests scanned and skipped because the batch already
-  holds max_loras adapters, is measured as the ITL increase of a full-slot batch when W requests of other
-  adapters wait → ``est_scheduler_overhead.csv`` (``source=profile_vllm``). Not in ``--quick`` (its effect drowns in
-  a shared machine's noise).
+  slope. The part the twin models separately, waiting requests scanned and skipped every step because the batch
+  already holds max_loras adapters, is the step-time increase with W such requests queued: max_loras holder
+  requests take the slots, W requests of other adapters wait (the waiting gauge confirms all W), and one probe
+  request of a holder's adapter runs; y = the mean gap the server's ITL histogram gained meanwhile, x = W →
+  ``est_scheduler_overhead.csv`` (``source=profile_vllm``); see :meth:`Profiler.scheduler`.
 
 ``profile_vllm.json`` beside the CSVs records the server, the settings and the numbers the fit needs;
 ``adaptwin twin fit --calibration DIR`` sees it and fits with :mod:`adaptwin.profiler.vllm_profile_fit`.
@@ -78,7 +79,8 @@ CSV_COLUMNS = {
         "source,gpu_loras,cpu_loras,cpu_gpu_diff,rank,rate,output_throughput,completed_requests,adapter_rates,"
         "max_lora_loading_time,avg_batch_size,avg_waiting_queue,max_lora_loads_from_memory,max_lora_loads_from_disk,"
         "max_lora_loads_from_memory_corrected,total_scheduling_time,mean_itl_ms,processed_tokens,duration,"
-        "mean_loras_by_batch,steps,scheduling_time_per_step_ms,predicted_ms,baseline_itl_ms,set_waiting").split(","),
+        "mean_loras_by_batch,steps,scheduling_time_per_step_ms,predicted_ms,baseline_itl_ms,set_waiting,output_tokens,"
+        "waiting_at_start,waiting_at_end,waiting_sampled,itl_source,status").split(","),
 }
 
 
@@ -116,11 +118,9 @@ class ProfileSettings:
 
     @classmethod
     def quick_defaults(cls, **kw) -> "ProfileSettings":
-        """The ``--quick`` grid: minutes against vLLM, seconds against ``twin serve``. The scheduler experiment is
-        left out: its effect (µs per waiting request) drowns in a loaded machine's noise; ask for it by name."""
+        """The ``--quick`` grid: minutes against vLLM, seconds against ``twin serve``."""
         base = dict(quick=True, decode_batches=[1, 8, 24, 48], lora_batches=[24], adapter_counts=[1, 2, 4, 8, 16],
-                    prefill_tokens=[16, 512, 1024, 1536], output_tokens=64, repeats=3, waiting=[0, 150],
-                    experiments=[e for e in EXPERIMENTS if e != "scheduler"])
+                    prefill_tokens=[16, 512, 1024, 1536], output_tokens=64, repeats=3, waiting=[0, 150])
         base.update(kw)
         return cls(**base)
 
@@ -128,6 +128,10 @@ class ProfileSettings:
 EXPERIMENTS = ("decode", "lora", "prefill", "loading", "scheduler", "kv")
 #: the server's own latency histograms (vLLM's names; twin serve serves them in twin time)
 HISTOGRAMS = ("vllm:inter_token_latency_seconds", "vllm:time_to_first_token_seconds")
+OLD_ITL = "vllm:time_per_output_token_seconds"  # vLLM 0.8.x's name of the inter-token histogram
+#: wall seconds the scheduler experiment's holders outlive its probe by: HOLD_S, plus SEND_S per waiting request
+#: sent (HTTP set-up on a busy machine; measured 10-30 ms), plus the time to see them queued
+HOLD_S, SEND_S = 2.0, 0.03
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -308,32 +312,13 @@ class Prober:
                 delay = t0 + plan[i][0] / speedup - time.perf_counter()
                 if delay > 0:
                     await asyncio.sleep(delay)
-            r = reqs[i]
-            r.sent = time.perf_counter()
+
+            def on_token() -> None:
+                if not gate.is_set() and all(q.times or q.error for q in first_wave):
+                    gate.set()
+
             try:
-                async with c.stream("POST", "/v1/completions", json=bodies[i]) as resp:
-                    if resp.status_code != 200:
-                        r.error = f"http {resp.status_code}: {(await resp.aread())[:160]!r}"
-                        return
-                    async for line in resp.aiter_lines():
-                        if not line.startswith("data:"):
-                            continue
-                        data = line[5:].strip()
-                        if data == "[DONE]":
-                            r.done = True
-                            continue
-                        t = time.perf_counter()
-                        obj = json.loads(data)
-                        usage, choices = obj.get("usage") or {}, obj.get("choices")
-                        n = usage.get("completion_tokens") if isinstance(usage, dict) else None
-                        if not isinstance(n, int):
-                            n = r.tokens + (1 if choices else 0)
-                        if n > r.tokens:
-                            r.times.append((t, n))
-                            if not gate.is_set() and all(q.times or q.error for q in first_wave):
-                                gate.set()
-            except (httpx.HTTPError, ValueError) as exc:
-                r.error = f"{type(exc).__name__}: {exc}"
+                await _stream(c, bodies[i], reqs[i], on_token)
             finally:
                 if not gate.is_set() and all(q.times or q.error or q.done for q in first_wave):
                     gate.set()
@@ -366,6 +351,97 @@ class Prober:
         return Shot(reqs, scrapes, wall, speedup, server_itl_ms=means.get(HISTOGRAMS[0], math.nan),
                     server_ttft_ms=means.get(HISTOGRAMS[1], math.nan))
 
+    def staged_shot(self, holders: list, waiting: list, batch: list, ready_timeout_s: float = 120.0) -> "Staged":
+        """The scheduler experiment's shot; each list holds (model, prompt tokens, output tokens). ``holders`` go
+        first; once each has its first token the ``waiting`` ones are sent; once ``/metrics`` shows them all
+        waiting, the server's histograms are read (a), the ``batch`` is sent, and read again (b) as soon as the
+        batch is done. Every gap the histograms gain between a and b is a decode step with exactly the waiting
+        requests queued (as long as the holders outlive the batch: ``Staged.waiting_b``)."""
+        import asyncio
+
+        if self._loop is None:
+            self._loop = asyncio.new_event_loop()
+        return self._loop.run_until_complete(self._staged(holders, waiting, batch, ready_timeout_s))
+
+    async def _staged(self, holders: list, waiting: list, batch: list, ready_timeout_s: float) -> "Staged":
+        import asyncio
+
+        import httpx
+
+        from adaptwin.replay.backends.promtext import PromParseError
+        from adaptwin.replay.backends.vllm import gauges_from_metrics
+
+        c = self._get_client(len(holders) + len(waiting) + len(batch))
+        speedup = self.info.speedup
+        hold = [Timed(o) for _, _, o in holders]
+        wait = [Timed(o) for _, _, o in waiting]
+        runs = [Timed(o) for _, _, o in batch]
+        first = asyncio.Event()
+
+        def holders_started() -> None:
+            if all(q.times or q.error or q.done for q in hold):
+                first.set()
+
+        async def holder(body: dict, r: Timed) -> None:
+            try:
+                await _stream(c, body, r, holders_started)
+            finally:
+                holders_started()
+
+        async def gauges() -> dict:
+            return gauges_from_metrics((await c.get("/metrics")).text)
+
+        t0 = time.perf_counter()
+        tasks = [asyncio.create_task(holder(self._body(m, p, o), r)) for (m, p, o), r in zip(holders, hold)]
+        await asyncio.wait_for(first.wait(), ready_timeout_s)
+        bad = [r.error for r in hold if r.error]
+        if bad:
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise ServerError(f"scheduler: {len(bad)} of {len(hold)} holder requests failed (first: {bad[0]})")
+        tasks += [asyncio.create_task(_stream(c, self._body(m, p, o), r)) for (m, p, o), r in zip(waiting, wait)]
+        deadline = time.perf_counter() + min(ready_timeout_s, 30.0 + 10 * SEND_S * len(wait))
+        waiting_a = running_b = math.nan
+        while True:  # until the server has queued every waiting request (or one of them ended: not waiting)
+            try:
+                waiting_a = (await gauges())["waiting"]
+            except (httpx.HTTPError, PromParseError):
+                pass
+            if (waiting_a >= len(wait) or time.perf_counter() > deadline
+                    or any(r.error or r.done for r in wait + hold)):
+                break
+            await asyncio.sleep(0.02)
+        hist_a = await self._itl_hist(c)
+        t_a = time.perf_counter()
+        batch_tasks = [asyncio.create_task(_stream(c, self._body(m, p, o), r)) for (m, p, o), r in zip(batch, runs)]
+        samples: list[float] = []
+
+        async def sample() -> None:
+            while True:
+                try:
+                    samples.append((await gauges())["waiting"])
+                except (httpx.HTTPError, PromParseError):
+                    pass
+                await asyncio.sleep(0.2)
+
+        sampler = asyncio.create_task(sample())
+        await asyncio.gather(*batch_tasks)
+        hist_b = await self._itl_hist(c)
+        try:
+            g = await gauges()
+            waiting_b, running_b = g["waiting"], g["running"]
+        except (httpx.HTTPError, PromParseError):
+            waiting_b = math.nan
+        t_b = time.perf_counter()
+        sampler.cancel()
+        await asyncio.gather(sampler, *tasks, return_exceptions=True)
+        itl = (math.nan, 0.0)
+        name = HISTOGRAMS[0]
+        if hist_a and hist_b and name in hist_a and name in hist_b:
+            itl = (hist_b[name][0] - hist_a[name][0], hist_b[name][1] - hist_a[name][1])
+        shot = Shot(hold + wait + runs, [], time.perf_counter() - t0, speedup)
+        return Staged(shot, runs, itl, waiting_a, waiting_b, _mean(samples) if samples else math.nan,
+                      (t_b - t_a) * speedup, running_b)
+
     async def _itl_hist(self, c) -> dict[str, tuple[float, float]] | None:
         """(sum s, count) of the server's ITL and TTFT histograms now (None when /metrics fails)."""
         import httpx
@@ -379,10 +455,72 @@ class Prober:
         out: dict[str, list[float]] = {}
         for fam in fams.values():
             for smp in fam.samples:
-                for name in HISTOGRAMS:
+                for name in (*HISTOGRAMS, OLD_ITL):
                     if smp.name in (name + "_sum", name + "_count"):
                         out.setdefault(name, [0.0, 0.0])[0 if smp.name.endswith("_sum") else 1] += smp.value
+        if OLD_ITL in out:  # vLLM 0.8.x: the same per-token gaps under their old name
+            out.setdefault(HISTOGRAMS[0], out[OLD_ITL])
+            del out[OLD_ITL]
         return {k: (v[0], v[1]) for k, v in out.items()}
+
+
+async def _stream(c, body: dict, r: Timed, on_token: Callable[[], None] | None = None) -> None:
+    """POST one streamed completion and time its tokens into ``r`` (errors are kept in ``r.error``). A kept-alive
+    connection that the server closed meanwhile (uvicorn drops idle ones after 5 s) fails before any answer: that
+    request is sent once more."""
+    import httpx
+
+    for attempt in range(2):
+        r.sent = time.perf_counter()
+        try:
+            await _stream_once(c, body, r, on_token)
+            return
+        except (httpx.ReadError, httpx.RemoteProtocolError, httpx.ConnectError) as exc:
+            if r.times or attempt == 1:
+                r.error = f"{type(exc).__name__}: {exc}"
+                return
+        except (httpx.HTTPError, ValueError) as exc:
+            r.error = f"{type(exc).__name__}: {exc}"
+            return
+
+
+async def _stream_once(c, body: dict, r: Timed, on_token: Callable[[], None] | None) -> None:
+    async with c.stream("POST", "/v1/completions", json=body) as resp:
+        if resp.status_code != 200:
+            r.error = f"http {resp.status_code}: {(await resp.aread())[:160]!r}"
+            return
+        async for line in resp.aiter_lines():
+            if not line.startswith("data:"):
+                continue
+            data = line[5:].strip()
+            if data == "[DONE]":
+                r.done = True
+                continue
+            t = time.perf_counter()
+            obj = json.loads(data)
+            usage, choices = obj.get("usage") or {}, obj.get("choices")
+            n = usage.get("completion_tokens") if isinstance(usage, dict) else None
+            if not isinstance(n, int):
+                n = r.tokens + (1 if choices else 0)
+            if n > r.tokens:
+                r.times.append((t, n))
+                if on_token is not None:
+                    on_token()
+
+
+@dataclass
+class Staged:
+    """What :meth:`Prober.staged_shot` saw: the batch's requests, the server's ITL histogram (sum s, count) gained
+    between a and b, the waiting gauge at a, at b and sampled in between, the a → b span and the running gauge at b."""
+
+    shot: Shot
+    batch: list[Timed]
+    itl: tuple[float, float]
+    waiting_a: float
+    waiting_b: float
+    waiting_mean: float
+    span_s: float  # a -> b, server s
+    running_b: float = math.nan
 
 
 def _robust_gap(points: list[tuple[float, int]]) -> float:
@@ -438,7 +576,7 @@ class Profiler:
     def _check(self, shot: Shot, what: str) -> None:
         bad = shot.failures()
         if bad:
-            raise ServerError(f"{what}: {len(bad)} of {len(shot.completions)} requests failed (first: {bad[0]})")
+            raise ServerError(f"{what}: {len(bad)} of {len(shot.requests)} requests failed (first: {bad[0]})")
 
     def warm(self) -> None:
         """One request per adapter (loads them, compiles kernels) and learns whether the base model answers."""
@@ -610,43 +748,71 @@ class Profiler:
                 "ttft_cycle_ms": min(ttfts), "ttft_same_ms": base, "ttft_source": source})
 
     def scheduler(self) -> None:
-        """ITL of a batch holding max_loras adapters while W requests of other adapters wait (and are skipped)."""
+        """Step time while W requests wait that vLLM's scheduler scans and skips every step (their adapters are
+        not in a batch that already holds max_loras adapters), against W.
+
+        Holders (one request per adapter, max_loras adapters) take the slots; W requests of other adapters are
+        sent and, once ``/metrics`` shows them all waiting, one probe request of a holder's adapter (which the
+        scheduler admits past the skipped ones) runs L tokens. y = the mean gap the server's
+        ``vllm:inter_token_latency_seconds`` gained while it ran (no client timing in it), x = W (the waiting
+        gauge, checked at both ends). The holders outlive the probe, so no slot frees and nothing else is admitted
+        in between, and every step measured runs the same max_loras + 1 requests. A server without the histogram
+        falls back to the probe's token times."""
         g, names = self.max_loras, self.info.adapters
         if len(names) < g + 1:
             self.notes.append("scheduler: needs more adapters than --max-loras to keep requests waiting; skipped")
             return
         s = self.s
-        out = 2 * s.output_tokens
-        n0 = max(g, min(2 * g, max(s.lora_batches)))
+        out = self._cap_prompt(s.output_tokens * (1 if s.quick else 2), s.prompt_tokens)
         base_itl = math.nan
-        running = [(0.0, names[i % g], s.prompt_tokens, out) for i in range(n0)]
         for w in sorted(set(s.waiting) | {0}):
-            self._progress(f"scheduler: {n0} running on {g} adapters, {w} waiting")
-            # the waiting ones leave once every batch request has its first token (so none of them can take a
-            # slot); they get 1 output token so they end fast once the batch is done
-            plan = running + [(None, names[g + (i % (len(names) - g))], s.prompt_tokens, 1) for i in range(w)]
-            shot = self.probe.shot(plan)
-            self._check(shot, f"scheduler W={w}")
-            after = None
-            if w:  # leave the server a moment to take in the W requests (a loaded twin serve catches up in bursts)
-                end = min(r.times[-1][0] for r in shot.ok if r.output_tokens == out)
-                after = shot.last_sent(1) + 0.3 * max(0.0, end - shot.last_sent(1))
-            mean_itl = _mean(shot.itl(out, after=after))
+            # steps the holders run beyond the probe: starting, sending W requests and seeing them queued takes
+            # wall time (SEND_S per request, generous), i.e. more steps on a faster server
+            step_s = base_itl * 1e-3 if base_itl == base_itl else 0.02
+            margin = max(32, math.ceil((HOLD_S + w * SEND_S) * self.info.speedup / step_s))
+            for attempt in range(3):
+                self._progress(f"scheduler: {g} holders + 1 probe, {w} waiting")
+                hold = self._cap_prompt(out + margin, s.prompt_tokens)
+                st = self.probe.staged_shot([(names[i], s.prompt_tokens, hold) for i in range(g)],
+                                            [(names[g + (i % (len(names) - g))], s.prompt_tokens, 1)
+                                             for i in range(w)],
+                                            [(names[0], s.prompt_tokens, out)], self.s.request_timeout_s)
+                self._check(st.shot, f"scheduler W={w}")
+                # W queued when the probe started and still when it ended, the holders still running at the end
+                steady = st.waiting_a >= w and st.waiting_b >= w and st.running_b >= g
+                if steady or attempt == 2:
+                    break
+                margin *= 3  # the holders ended (or the W were not all queued) before the probe was done
+                log.warning("scheduler W=%d: %g waiting when the probe started, %g (and %g running) when it ended; "
+                            "again with holders %d steps longer than the probe", w, st.waiting_a, st.waiting_b,
+                            st.running_b, margin)
+            row = self._scheduler_row(st, 1, w, out)
+            if not steady:  # kept in the CSV, left out of the fit
+                row["status"] = "failed:waiting_not_steady"
+                self.notes.append(f"scheduler W={w}: the waiting queue was not {w} throughout the probe, or the "
+                                  f"holders ended first ({st.waiting_a:g} waiting at its start, {st.waiting_b:g} "
+                                  f"waiting and {st.running_b:g} running at its end); row not fitted")
             if w == 0:
-                base_itl = mean_itl
-            # W as the server saw it in that window: the mean of vllm:num_requests_waiting while the batch ran
-            steady = [x["waiting"] for x in shot.scrapes if x.get("running", 0) >= n0 and (after is None
-                                                                                            or x["t"] >= after)]
-            w_seen = _mean(steady) if w else 0.0
-            if w and not steady:
-                w_seen = float(w)
-                self.notes.append(f"scheduler W={w}: no /metrics sample inside the window; W taken as sent")
-            self.rows["est_scheduler_overhead.csv"].append({
-                "source": "profile_vllm", "gpu_loras": g, "cpu_loras": len(names), "cpu_gpu_diff": len(names) - g,
-                "rank": self.max_lora_rank, "rate": "burst", "completed_requests": len(shot.ok),
-                "avg_batch_size": n0, "avg_waiting_queue": w_seen, "mean_itl_ms": mean_itl,
-                "duration": shot.wall_s * shot.speedup, "mean_loras_by_batch": shot.mean_running_adapters(),
-                "baseline_itl_ms": base_itl, "set_waiting": w})
+                base_itl = row["mean_itl_ms"]
+            row["baseline_itl_ms"] = base_itl
+            self.rows["est_scheduler_overhead.csv"].append(row)
+
+    def _scheduler_row(self, st: "Staged", n0: int, w: int, out: int) -> dict:
+        row = {"source": "profile_vllm", "gpu_loras": self.max_loras, "cpu_loras": len(self.info.adapters),
+               "cpu_gpu_diff": len(self.info.adapters) - self.max_loras, "rank": self.max_lora_rank,
+               "rate": "burst", "completed_requests": len(st.shot.ok), "avg_batch_size": n0 + self.max_loras,
+               "avg_waiting_queue": (st.waiting_a + st.waiting_b) / 2, "duration": st.span_s,
+               "mean_loras_by_batch": self.max_loras,
+               "set_waiting": w, "output_tokens": out, "waiting_at_start": st.waiting_a,
+               "waiting_at_end": st.waiting_b, "waiting_sampled": st.waiting_mean, "status": "ok"}
+        if st.itl[1] > 0:
+            row.update(mean_itl_ms=st.itl[0] / st.itl[1] * 1e3, steps=st.itl[1], itl_source="server histogram")
+        else:
+            gaps = Shot(st.batch, [], st.shot.wall_s, st.shot.speedup).itl(out)
+            row.update(mean_itl_ms=_mean(gaps), itl_source="client window")
+            self.notes.append(f"scheduler W={w}: the server has no {HISTOGRAMS[0]} histogram; ITL read from the "
+                              "client's token times (noisy, see docs/profiler.md)")
+        return row
 
     def kv_here(self, info: ServerInfo, max_loras: int, max_lora_rank: int, log_tokens: int | None = None,
                 status: str = "ok") -> None:

@@ -12,7 +12,8 @@ The forms are the twin's step-time terms (``adaptwin.twin.profile.StepTimeModel`
 * prefill: slope of the fastest TTFT (client and HTTP overhead only add) vs prompt tokens (base model → ``prefill_ms_per_token``; adapter →
   ``lora_ms_per_prefill_token`` = the difference, or all of it without base-model runs).
 * scheduler: stock vLLM reports no scheduler time, so ``scheduler.base_ms`` and ``ms_per_running`` are 0 (inside
-  ``base_ms`` / ``decode_ms_per_seq``); ``ms_per_waiting_skipped`` = ITL increase per waiting request.
+  ``base_ms`` / ``decode_ms_per_seq``); ``ms_per_waiting_skipped`` = slope of the server's mean ITL against the
+  waiting requests that every step skips (the scheduler experiment).
 * loading table and KV capacity as measured (KV linear law by least squares over the start-ups, when 2+).
 
 Bad input is refused with :class:`~adaptwin.profiler.fit.FitError` naming the file, row and field; the result is
@@ -179,9 +180,12 @@ def fit_vllm_profile(calibration: str | Path, model: str | None = None, gpu: str
         w = np.array([r["avg_waiting_queue"] for r in srows])
         y = np.array([r["mean_itl_ms"] for r in srows])
         c = _lstsq(np.c_[np.ones_like(w), w], y)
-        sched["ms_per_waiting_skipped"] = float(c[1])
-        fits["scheduler"] = {"form": "itl_ms = itl_0 + ms_per_waiting_skipped * W (batch at max_loras, W = mean "
-                                     "vllm:num_requests_waiting (other adapters) while the whole batch ran)", "source": "est_scheduler_overhead.csv",
+        # a cost below the noise of the measurement can come out slightly negative: the twin takes >= 0
+        sched["ms_per_waiting_skipped"] = max(0.0, float(c[1]))
+        fits["scheduler"] = {"form": "itl_ms = itl_0 + ms_per_waiting_skipped * W (max_loras holders + 1 probe "
+                                     "running, W requests of other adapters waiting per vllm:num_requests_waiting; "
+                                     "itl from vllm:inter_token_latency_seconds while the probe ran)",
+                             "source": "est_scheduler_overhead.csv",
                              **_errors(y, c[0] + c[1] * w)}
         sources["scheduler"] = ("base_ms and ms_per_running: 0, inside the step terms (stock vLLM logs no scheduler "
                                 "time); ms_per_waiting_skipped: ITL increase per skipped waiting request")

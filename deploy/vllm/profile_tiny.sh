@@ -27,6 +27,7 @@ adaptwin="$root/.venv/bin/adaptwin"
 url="$("$here/serve.sh" --run-dir "$run_dir" --adapters 4 --ranks 8,16 --max-loras 2 --timeout 400 | tail -n 1)"
 trap '"$here/stop.sh" --run-dir "$run_dir" >/dev/null 2>&1 || true' EXIT
 rm -rf "$cal"
+# no scheduler experiment: its term is below this CPU server's step jitter (docs/profiler.md)
 "$adaptwin" profile vllm --url "$url" --out "$cal" --quick --model tiny --itl-from server \
-    --decode-batches 1,4,8,16,24 --lora-batches 8 --prefill-tokens 16,256,512,1000 --repeats 5 --batch-repeats 3
+    --experiments decode,lora,prefill,loading,kv --decode-batches 1,4,8,16,24 --lora-batches 8 --prefill-tokens 16,256,512,1000 --repeats 5 --batch-repeats 3
 "$adaptwin" twin fit --calibration "$cal" --model tiny --gpu cpu-2vcpu --out "$out"

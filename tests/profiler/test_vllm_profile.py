@@ -80,7 +80,10 @@ def synthetic(folder: Path, *, base_runs: bool, noise: float = 0.01, seed: int =
                                         "status": "failed:start-up"})
     for w in (0, 250, 500, 1000):
         rows["est_scheduler_overhead.csv"].append({"source": "profile_vllm", "avg_waiting_queue": w,
-                                                   "mean_itl_ms": n(10.0 + t["skip"] * w)})
+                                                   "mean_itl_ms": n(10.0 + t["skip"] * w), "status": "ok"})
+    # a shot whose holders ended before its probe: recorded, not fitted (it would double the slope)
+    rows["est_scheduler_overhead.csv"].append({"source": "profile_vllm", "avg_waiting_queue": 300,
+                                               "mean_itl_ms": 25.0, "status": "failed:waiting_not_steady"})
     write_csvs(rows, folder)
     meta = {"schema": 1, "model": "m", "max_loras": 8, "max_lora_rank": 16, "notes": [],
             "server": {"max_model_len": 4096, "version": "test", "block_size": 16}}
@@ -115,6 +118,14 @@ def test_fit_recovers_known_constants_from_noisy_data(tmp_path: Path, base_runs:
     p = Profile.from_dict(prof)  # the twin reads it
     assert p.kv_capacity_tokens(4, 16) == 500_000 - 40 * 64
     assert p.step.step_ms(10, 0, 2) > p.step.step_ms(10, 0, 1) > p.step.step_ms(1, 0, 1)
+
+
+def test_scheduler_slope_below_noise_is_stored_as_zero(tmp_path: Path) -> None:
+    cal = synthetic(tmp_path, base_runs=False)
+    _edit_csv(cal / "est_scheduler_overhead.csv", "mean_itl_ms", "9.9", line=5)  # W = 1000 read faster than W = 0
+    prof = fit_profile(cal, "m", "cpu")
+    assert prof["scheduler"]["ms_per_waiting_skipped"] == 0.0
+    assert prof["meta"]["fits"]["scheduler"]["form"].startswith("itl_ms = itl_0 + ms_per_waiting_skipped * W")
 
 
 def _edit_csv(path: Path, column: str, value: str, line: int = 2) -> None:
@@ -206,7 +217,8 @@ def test_round_trip_twin_serve_profile_fit_recovers_constants(tmp_path: Path, tw
     try:
         t0 = time.monotonic()
         r = subprocess.run(CLI + ["profile", "vllm", "--url", url, "--out", str(out), "--quick", "--ranks", "8,16",
-                                  "--experiments", "decode,lora,prefill,loading,kv", "--decode-batches", "1,16,32,48",
+                                  "--experiments", "decode,lora,prefill,loading,scheduler,kv",
+                                  "--decode-batches", "1,16,32,48",
                                   "--lora-batches", "16", "--prefill-tokens", "16,1536", "--repeats", "3",
                                   "--loading-repeats", "3", "--json"],
                            capture_output=True, text=True, env=ENV, timeout=240)
@@ -237,6 +249,12 @@ def test_round_trip_twin_serve_profile_fit_recovers_constants(tmp_path: Path, tw
     print(f"round trip (profile {profile_s:.1f} s):", report)
     for key, value in want.items():
         assert st[key] == pytest.approx(value, rel=0.05), report
+    # waiting requests the scheduler scans and skips every step (W = 0 and 150, from the server's ITL histogram)
+    skip = got["scheduler"]["ms_per_waiting_skipped"]
+    print(f"scheduler: ms_per_waiting_skipped {skip:.6g} against the twin's {eng._s_wait:.6g} "
+          f"({100 * (skip / eng._s_wait - 1):+.1f} %)")
+    assert skip == pytest.approx(eng._s_wait, rel=0.05), got["meta"]["fits"].get("scheduler")
+    assert got["scheduler"]["base_ms"] == got["scheduler"]["ms_per_running"] == 0.0  # inside the step terms
     for rank in (8, 16):
         assert got["loading_ms"]["16"][str(rank)] == pytest.approx(prof.load_ms(16, rank), rel=0.05), got["loading_ms"]
     kv = got["kv_capacity"]["table"]
