@@ -4,8 +4,11 @@
 #
 #   deploy/vllm/serve.sh [--model-dir DIR] [--adapters N] [--ranks 8,16] [--seed S]
 #                        [--max-loras G] [--max-cpu-loras N] [--max-lora-rank R] [--port P]
-#                        [--run-dir RUN] [--timeout S] [--no-wait] [-- extra api_server args...]
+#                        [--run-dir RUN] [--timeout S] [--no-wait] [--foreground] [-- extra api_server args...]
 #
+# --foreground: run the server in this process (exec) instead of starting it and waiting: for
+#              `adaptwin profile vllm --launch -- deploy/vllm/serve.sh --foreground`, which appends --port,
+#              --max-loras and --max-lora-rank per start-up (docs/profiler.md).
 # --model-dir  holds manifest.json + model/ + loras/ (deploy/vllm/make_tiny_model.py); built there if missing,
 #              with --adapters (default 4) adapters of --ranks (default 8,16) and --seed (default 0).
 #              Default: RUN/tiny.
@@ -33,6 +36,7 @@ max_lora_rank=""
 port=0
 timeout=240
 wait_healthy=1
+foreground=0
 extra=()
 
 die() { echo "serve.sh: $*" >&2; exit 2; }
@@ -49,6 +53,7 @@ while [[ $# -gt 0 ]]; do
         --run-dir) run_dir="$2"; shift 2 ;;
         --timeout) timeout="$2"; shift 2 ;;
         --no-wait) wait_healthy=0; shift ;;
+        --foreground) foreground=1; shift ;;
         --) shift; extra=("$@"); break ;;
         -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
         *) die "unknown argument $1 (see --help)" ;;
@@ -109,6 +114,10 @@ export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 export VLLM_ALLOW_RUNTIME_LORA_UPDATING=1
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 VLLM_NO_USAGE_STATS=1 DO_NOT_TRACK=1
 export TOKENIZERS_PARALLELISM=false
+
+if [[ "$foreground" == 1 ]]; then
+    exec "$py" "${args[@]}"
+fi
 
 t0=$(date +%s%N)
 echo "serve.sh: $py ${args[*]}" > "$log_file"
