@@ -204,7 +204,6 @@ class Replay:
                     if src.ended() and end == INF:
                         break  # the end is the last arrival's window: the loop below runs up to it
                     while (k + 1) * tick <= wm and k * tick < end:
-                        self._pace(k, k * tick, min((k + 1) * tick, end))
                         self._tick(k, k * tick, min((k + 1) * tick, end))
                         k += 1
                         bar.update(tick)
@@ -215,7 +214,6 @@ class Replay:
                         break
             end_ts = self._end_ts()
             while k * tick < end_ts:
-                self._pace(k, k * tick, min((k + 1) * tick, end_ts))
                 self._tick(k, k * tick, min((k + 1) * tick, end_ts))
                 k += 1
                 bar.update(tick)
@@ -285,6 +283,7 @@ class Replay:
 
     # ---------------------------------------------------------------------------------------------------------
     def _tick(self, k: int, a: float, b: float) -> None:
+        self._pace(k, a, b)
         opt, st = self.opt, self.stats
         dead: list[dict] = []
         # -- arrivals of [a, b): taken in (ts, partition, seq) order
