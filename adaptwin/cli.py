@@ -80,5 +80,6 @@ def main(argv: list[str] | None = None) -> int:
         from adaptwin.kafka import EXIT_BROKER_STALLED
 
         print(f"adaptwin: error: the Kafka broker failed or stopped answering ({type(err).__name__}: {err}); "
-              "nothing committed is lost: run the command again", file=sys.stderr)
+              "what was committed is kept: replay, learn, sink and twin worker, run again, resume from their last "
+              "commit", file=sys.stderr)
         return EXIT_BROKER_STALLED

@@ -223,3 +223,4 @@ def test_cli_turns_a_kafka_failure_into_a_clear_error_and_the_retry_status(capsy
     assert cli.main(["twin", "run", "--model", "llama-3.1-8b-instruct", "--served", "4", "--max-loras", "2"]) == EXIT_BROKER_STALLED
     err = capsys.readouterr().err
     assert "Kafka broker failed or stopped answering" in err and "commit took too long" in err
+    assert "resume from their last commit" in err
