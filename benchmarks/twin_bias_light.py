@@ -38,64 +38,42 @@ from pathlib import Path
 
 import numpy as np
 
-from adaptwin.twin.engine import Engine
+from adaptwin.twin.gauges import StepTermsEngine
 from benchmarks import twin_fidelity as tf
 
 LORA_KEYS = ("lora_base_ms", "lora_ms_per_seq", "lora_ms_per_prefill_token", "lora_ms_per_adapter",
              "lora_ms_per_adapter_ktoken")
 
 
-class TauEngine(Engine):
-    """An :class:`Engine` that records the running-weighted sums of its step-time features: the twin's realized
-    per-token time is linear in the LoRA terms along a fixed trajectory (diagnostics and fitting only)."""
+class TauEngine(StepTermsEngine):
+    """A :class:`StepTermsEngine` that records the running-weighted sums of its step-time features: the twin's
+    realized per-token time is linear in the LoRA terms along a fixed trajectory (diagnostics and fitting only)."""
 
     def __init__(self, *args, **kw):
         super().__init__(*args, **kw)
         self.g_known = 0.0  # Σ running·steps·(step time without the LoRA part), ms
         self.g_lora = np.zeros(5)  # Σ running·steps·[1, n_dec, n_pre, A, A·(n_dec+n_pre)/1000] on LoRA steps
-        self._pending_load_ms = 0.0
-
-    def _adapter_in(self, a: int) -> float:
-        ms = super()._adapter_in(a)
-        self._pending_load_ms += ms
-        return ms
 
     def _account(self, dt: float, steps: int) -> None:
         super()._account(dt, steps)
-        load_ms, self._pending_load_ms = self._pending_load_ms, 0.0
+        load_ms = self._take_load_ms()
         n_run = len(self.running)
         if n_run == 0:
             return
         w = n_run * steps
-        per_step_ms = dt * 1e3 / steps
         n_dec, a = self.n_decode, self.n_adapters
+        n_pre = self._prefill_tokens(dt * 1e3 / steps, steps, load_ms)
         base = self._c_base + self._c_dec * n_dec + self._sched_ms() + self._kv_read_ms() + load_ms / steps
-        n_pre = 0.0
-        if steps == 1:  # prefill tokens of an exact step: what is left of its time after the other terms
-            lora_fixed = (self._l_base + self._l_dec * n_dec + a * (self._l_ad + self._l_adk * n_dec)) if a else 0.0
-            per_tok = self._c_pre + ((self._l_pre + a * self._l_adk) if a else 0.0)
-            n_pre = max(0.0, (per_step_ms - base - lora_fixed) / per_tok) if per_tok > 0 else 0.0
         self.g_known += w * (base + self._c_pre * n_pre)
         if a:
             self.g_lora += w * np.array([1.0, n_dec, n_pre, a, a * (n_dec + n_pre) * 1e-3])
 
 
 def _simulate(args) -> tuple[int, dict]:
-    from adaptwin.twin.config import ServerConfig, paper_workload
-    from adaptwin.twin.lengths import apply_early_stop, load_lengths
     from adaptwin.twin.result import SimResult
-    from adaptwin.twin.runner import parse_list
 
     i, r, prof, seed = args
-    dur = float(r["duration_s"])
-    arr, ranks = paper_workload(parse_list(r["rates"]), parse_list(r["ranks"], int), int(r["served_adapters"]),
-                                dur, seed, load_lengths(prof.model))
-    arr = apply_early_stop(arr, prof.early_stop_fraction, seed)
-    cfg = ServerConfig(model=prof.model, served=int(r["served_adapters"]), max_loras=int(r["max_loras"]),
-                       adapter_ranks=tuple(ranks), max_lora_rank=int(r["max_lora_rank"]))
-    eng = TauEngine(cfg, prof)
-    eng.add_arrivals(arr)
-    eng.advance_until(dur)
+    eng, dur = tf.simulated_engine(r, prof, seed, TauEngine)
     res = SimResult.from_engine(eng, dur)
     s = res.summary()
     fin = res.finished_mask

@@ -138,24 +138,33 @@ def fit_terms(runs: list[dict], prof, feats: list[dict] | None = None) -> dict:
             "lora_rank_slope": float(slope)}
 
 
-def _sim_features(args) -> tuple[int, dict]:
-    """Simulate one run with a :class:`GaugeEngine`: its summary and token-weighted step features."""
+def simulated_engine(r: dict, prof, seed: int, engine_cls):
+    """Real run ``r``'s configuration as the twin simulates it — the paper's workload drawn with ``seed``, the
+    profile's early EOS — run to its duration on an ``engine_cls`` (a diagnostic :class:`Engine` subclass).
+    Returns the engine and the duration."""
     from adaptwin.twin.config import ServerConfig, paper_workload
-    from adaptwin.twin.gauges import GaugeEngine
     from adaptwin.twin.lengths import apply_early_stop, load_lengths
-    from adaptwin.twin.result import SimResult
     from adaptwin.twin.runner import parse_list
 
-    i, r, prof, seed = args
     dur = float(r["duration_s"])
     arr, ranks = paper_workload(parse_list(r["rates"]), parse_list(r["ranks"], int), int(r["served_adapters"]),
                                 dur, seed, load_lengths(prof.model))
     arr = apply_early_stop(arr, prof.early_stop_fraction, seed)
     cfg = ServerConfig(model=prof.model, served=int(r["served_adapters"]), max_loras=int(r["max_loras"]),
                        adapter_ranks=tuple(ranks), max_lora_rank=int(r["max_lora_rank"]))
-    eng = GaugeEngine(cfg, prof)
+    eng = engine_cls(cfg, prof)
     eng.add_arrivals(arr)
     eng.advance_until(dur)
+    return eng, dur
+
+
+def _sim_features(args) -> tuple[int, dict]:
+    """Simulate one run with a :class:`GaugeEngine`: its summary and token-weighted step features."""
+    from adaptwin.twin.gauges import GaugeEngine
+    from adaptwin.twin.result import SimResult
+
+    i, r, prof, seed = args
+    eng, dur = simulated_engine(r, prof, seed, GaugeEngine)
     s = SimResult.from_engine(eng, dur).summary()
     return i, {"summary": s, "features": eng.features.weighted()}
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from adaptwin.twin.engine import Engine
 
-__all__ = ["GaugeEngine", "StepFeatures", "FEATURES"]
+__all__ = ["GaugeEngine", "StepTermsEngine", "StepFeatures", "FEATURES"]
 
 #: features of one step, in the order :meth:`StepFeatures.weighted` returns them
 FEATURES = ("one", "n_decode", "n_prefill", "adapters", "adapters_ktokens", "running", "skipped_waiting",
@@ -38,19 +38,43 @@ class StepFeatures:
         return {k: s / g for k, s in zip(FEATURES, self.sums or [0.0] * len(FEATURES))}
 
 
-class GaugeEngine(Engine):
-    """An :class:`Engine` that also records the token-weighted features of its steps (slower: diagnostics and
-    fitting only, never the product path)."""
+class StepTermsEngine(Engine):
+    """An :class:`Engine` that tells, per accounted step, what its step-time terms were: the adapter-load time
+    charged since the last step (:meth:`_take_load_ms`) and the prefill tokens of an exact step
+    (:meth:`_prefill_tokens`). The base of the diagnostic engines (slower: never the product path)."""
 
     def __init__(self, *args, **kw):
         super().__init__(*args, **kw)
-        self.features = StepFeatures(sums=[0.0] * len(FEATURES))
         self._pending_load_ms = 0.0
 
     def _adapter_in(self, a: int) -> float:
         ms = super()._adapter_in(a)
         self._pending_load_ms += ms
         return ms
+
+    def _take_load_ms(self) -> float:
+        load_ms, self._pending_load_ms = self._pending_load_ms, 0.0
+        return load_ms
+
+    def _prefill_tokens(self, per_step_ms: float, steps: int, load_ms: float) -> float:
+        """Prefill tokens of the step: what is left of its time after the terms that do not depend on them (0 for a
+        jump of several identical decode steps, which prefill nothing)."""
+        if steps != 1:
+            return 0.0
+        n_dec, a = self.n_decode, self.n_adapters
+        lora = 1.0 if a else 0.0
+        known = (self._c_base + self._c_dec * n_dec + load_ms + self._sched_ms() + self._kv_read_ms()
+                 + lora * (self._l_base + self._l_dec * n_dec + a * (self._l_ad + self._l_adk * n_dec)))
+        per_tok = self._c_pre + lora * (self._l_pre + a * self._l_adk)
+        return max(0.0, (per_step_ms - known) / per_tok) if per_tok > 0 else 0.0
+
+
+class GaugeEngine(StepTermsEngine):
+    """A :class:`StepTermsEngine` that records the token-weighted features of its steps."""
+
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        self.features = StepFeatures(sums=[0.0] * len(FEATURES))
 
     def _account(self, dt: float, steps: int) -> None:
         super()._account(dt, steps)
@@ -59,19 +83,12 @@ class GaugeEngine(Engine):
         f = self.features
         f.steps += steps
         f.busy_s += dt
-        load_ms, self._pending_load_ms = self._pending_load_ms, 0.0
+        load_ms = self._take_load_ms()
         if gaps == 0:
             return
-        per_step_ms = dt * 1e3 / steps
         a = self.n_adapters
         lora = 1.0 if a else 0.0
-        # prefill tokens of the step: what is left of its time after the terms that do not depend on them
-        n_pre = 0.0
-        if steps == 1:
-            known = (self._c_base + self._c_dec * n_dec + load_ms + self._sched_ms() + self._kv_read_ms()
-                     + lora * (self._l_base + self._l_dec * n_dec + a * (self._l_ad + self._l_adk * n_dec)))
-            per_tok = self._c_pre + lora * (self._l_pre + a * self._l_adk)
-            n_pre = max(0.0, (per_step_ms - known) / per_tok) if per_tok > 0 else 0.0
+        n_pre = self._prefill_tokens(dt * 1e3 / steps, steps, load_ms)
         skipped = (self.n_waiting - self._w_in_batch) if a >= self.config.max_loras else 0
         # context tokens the decoders attend to, mean over the steps (it grows by n_dec a step), thousands
         ctx = (self._off_sum + n_dec * (self.step + 1 + (steps - 1) / 2)) * 1e-3
