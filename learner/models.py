@@ -511,9 +511,6 @@ class ThroughputLearner:
     interval's miss rate and residual window.
     """
 
-    _starvation: float | None = None
-    """The regressor's starvation log ratio from the last ``_log_ratio`` call (class default for old checkpoints)."""
-
     def __init__(self, regressor, classifier=None, corrector_window: int = 200, alpha: float = 0.1,
                  window: int = 200) -> None:
         self.regressor = regressor
@@ -550,24 +547,24 @@ class ThroughputLearner:
         out["prior"] = prior
         return out
 
-    def _log_ratio(self, x: dict) -> tuple[float, float]:
+    def _log_ratio(self, x: dict) -> tuple[float, float, float | None]:
+        """(prior, prediction, the regressor's own starvation log ratio or None), log ratios of the offered load."""
         if self._self_correcting:  # prior and correction in one model: one query
-            y, self._starvation = (self.regressor.predict_with_starvation(x)
-                                   if hasattr(self.regressor, "predict_with_starvation")
-                                   else (self.regressor.predict_one(x), None))
+            y, starvation = (self.regressor.predict_with_starvation(x)
+                             if hasattr(self.regressor, "predict_with_starvation")
+                             else (self.regressor.predict_one(x), None))
             y = float(y) if y is not None and math.isfinite(y) else 0.0
-            return y, max(math.log(_FLOOR), min(0.0, y))
-        self._starvation = None
+            return y, max(math.log(_FLOOR), min(0.0, y)), starvation
         prior = self.prior_log_ratio(x)
         y = prior
         if self.n_warm and self.corrector is not None and self.n_learned:
             d = self.corrector.predict_one(self._corrector_x(x, prior))
             if d is not None and math.isfinite(d):
                 y = prior + d
-        return prior, max(math.log(_FLOOR), min(0.0, y))
+        return prior, max(math.log(_FLOOR), min(0.0, y)), None
 
     # ---- API --------------------------------------------------------------------------------------------------
-    def _log_ratio_cached(self, x: dict) -> tuple[float, float]:
+    def _log_ratio_cached(self, x: dict) -> tuple[float, float, float | None]:
         """``_log_ratio`` of the row just predicted (predict, then learn the same row: one model query, not two)."""
         last, self._last = self._last, None
         if last is not None and last[0] is x:
@@ -576,9 +573,8 @@ class ThroughputLearner:
 
     def predict_one(self, x: dict) -> Prediction:
         offered = self._offered(x)
-        prior, y = self._log_ratio(x)
-        starvation = self._starvation
-        self._last = (x, (prior, y))
+        prior, y, starvation = self._log_ratio(x)
+        self._last = (x, (prior, y, starvation))
         thr = offered * math.exp(y)
         hw = self.conformal.half_width()
         low, high = (thr, thr) if hw is None else (offered * math.exp(y - hw), offered * math.exp(y + hw))
@@ -607,7 +603,7 @@ class ThroughputLearner:
     def learn_one(self, x: dict, throughput: float, starved: int) -> None:
         """Learn one observed run: the corrector after a warm start, the regressor itself otherwise."""
         y = self._target(x, throughput)
-        prior, pred = self._log_ratio_cached(x)
+        prior, pred, _ = self._log_ratio_cached(x)
         offered = self._offered(x)
         # residual of the uncapped ratio: a run may complete slightly more than the mean offered load
         self.conformal.update(math.log(max(throughput / offered, _FLOOR)) - pred if offered > 0 else 0.0)
