@@ -1,7 +1,8 @@
 """Learner benchmark: the two prequential targets of issue 7, on the shared validation files.
 
     .venv/bin/python -m benchmarks.learner_eval [--grid-rows 3000] [--warm-rows 6000] [--models ...]
-                                                [--twin-feature] [--twin-budget 3600] [--jobs 2] [--seed 0]
+                                                [--twin-feature [calibration|lowo]] [--twin-budget 3600]
+                                                [--jobs 2] [--seed 0]
                                                 [--json]
 
 1. *twin grid*: ``ml_train_sim.csv.gz`` (the paper's twin on its ML grid), shuffled (``--seed``, default 0), first
@@ -15,7 +16,9 @@
    (``twin_gap``), simulated from the inputs with profiles fitted from ``data/calibration`` alone (no term fitted on
    the real runs). The 294 simulations are cached in ``benchmarks/learner_twin_calibration.jsonl`` (made with the
    twin of 2026-11-26; delete the file to re-simulate with today's twin: ≈ 22 min on 2 busy cores,
-   ``--twin-budget`` bounds it).
+   ``--twin-budget`` bounds it). ``--twin-feature lowo``: our twin with the LoRA terms fitted on the real runs of
+   the model's *other three* workloads (``benchmarks/twin_fidelity.py --fit``'s leave-one-workload-out rows, shipped
+   as ``benchmarks/learner_twin_lowo.csv``): a twin calibrated on past traffic, meeting a workload it never saw.
 
 Fixed seeds; wall time and the load average are recorded with the numbers (the machine is shared).
 """
@@ -33,6 +36,25 @@ from pathlib import Path
 DATA = Path(os.environ.get("ADAPTWIN_SHARED", "/work/shared")) / "data" / "validation"
 CALIBRATION = DATA.parent / "calibration"
 TWIN_CACHE = Path(__file__).with_name("learner_twin_calibration.jsonl")
+TWIN_LOWO = Path(__file__).with_name("learner_twin_lowo.csv")
+
+
+def lowo_twin(real) -> dict:
+    """Our twin's throughput per real run, each simulated with LoRA terms fitted on the *other three* workloads of its
+    model (``twin_fidelity --fit``'s LOWO rows, copied to ``TWIN_LOWO``): a twin calibrated on past workloads,
+    meeting a new one. ``real`` in file order (the rows are matched one to one, and checked)."""
+    with open(TWIN_LOWO, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    if len(rows) != len(real):
+        raise SystemExit(f"{TWIN_LOWO} has {len(rows)} rows for {len(real)} real runs: rebuild it")
+    twin = {}
+    for r, row in zip(real, rows):
+        s = r.scenario
+        if (s.model, s.served, s.max_loras, s.max_lora_rank) != (row["model"], int(row["served_adapters"]),
+                                                                  int(row["max_loras"]), int(row["max_lora_rank"])):
+            raise SystemExit(f"{TWIN_LOWO} does not match scenarios_table1.csv row by row: rebuild it")
+        twin[s] = float(row["sim_total_throughput"])
+    return twin
 
 
 def paper_twin_alone(order) -> dict:
@@ -88,8 +110,10 @@ def main(argv=None) -> int:
     ap.add_argument("--grid-rows", type=int, default=3000)
     ap.add_argument("--warm-rows", type=int, default=6000)
     ap.add_argument("--models", default=",".join(CANDIDATES))
-    ap.add_argument("--twin-feature", action="store_true",
-                    help="also evaluate the real runs with our twin's prediction per scenario as a feature")
+    ap.add_argument("--twin-feature", nargs="?", const="calibration", choices=("calibration", "lowo"),
+                    help="also evaluate the real runs with our twin's prediction per scenario as a feature: the "
+                         "twin with profiles from data/calibration only (default), or with LoRA terms fitted on "
+                         "the model's other workloads (lowo)")
     ap.add_argument("--twin-budget", type=float, default=3600.0, help="seconds for simulations not in the cache")
     ap.add_argument("--jobs", type=int, default=2, help="processes for the simulations")
     ap.add_argument("--seed", type=int, default=0,
@@ -108,6 +132,7 @@ def main(argv=None) -> int:
 
     t0 = time.perf_counter()
     real = read_runs(DATA / "scenarios_table1.csv")
+    twin_lowo = lowo_twin(real) if args.twin_feature == "lowo" else None
     order = list(range(len(real)))
     random.Random(args.seed).shuffle(order)
     real = [real[i] for i in order]
@@ -119,10 +144,14 @@ def main(argv=None) -> int:
         from adaptwin.learner.warmstart import twin_predictions
 
         t0 = time.perf_counter()
-        twin = twin_predictions(real, budget_s=args.twin_budget, jobs=args.jobs, cache=TWIN_CACHE,
-                                calibration=CALIBRATION)
+        if twin_lowo is not None:
+            twin, label = twin_lowo, "adaptwin twin, LoRA terms fitted on the model's other workloads (LOWO)"
+        else:
+            twin = twin_predictions(real, budget_s=args.twin_budget, jobs=args.jobs, cache=TWIN_CACHE,
+                                    calibration=CALIBRATION)
+            label = "adaptwin twin, profiles from data/calibration only"
         out["real_twin"] = evaluate(real, warm, candidates=models, warm_label="ml_train_sim.csv.gz", twin=twin,
-                                    twin_label="adaptwin twin, profiles from data/calibration only")
+                                    twin_label=label)
         out["real_twin"]["wall_s"] = round(time.perf_counter() - t0, 1)
     out["speed_alone_grid"] = [speed_alone(m, shuffled[: args.grid_rows]) for m in models if m.startswith("capacity")]
     out["load_avg_after"] = os.getloadavg()

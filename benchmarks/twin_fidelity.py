@@ -7,15 +7,23 @@ of total throughput and mean ITL and the starvation-flag agreement.
 
 With ``--fit`` it also estimates the step-time terms the profiling runs cannot identify (the LoRA terms: per step,
 per decode token, per prefill token, per distinct adapter, per adapter x 1000 tokens, and the max-rank slope) from the real runs' own gauges
-(mean running requests, mean waiting, ITL) by least squares — no simulation inside the fit — and reports
+(mean running requests, mean waiting, ITL) by least squares and reports
   * in-sample: every run simulated with terms fitted on all runs of its model;
   * leave-one-workload-out (LOWO): every run simulated with terms fitted on the other three workloads
     (rates x ranks) of its model, i.e. on data that never saw that workload.
-``--target tau`` (shipped) fits the per-token step time of each run by Little's law (mean running x duration /
+``--target tau`` (default, shipped) fits the per-token step time of each run by Little's law (mean running x duration /
 decode tokens) instead of its reported mean ITL (``--target itl``). The early-EOS share (``early_stop_fraction``) is
 estimated from the fully served runs' output tokens against their pool's ``max_tokens``, with the same folds.
 The all-runs terms are written to ``OUT/real_params.json`` (shipped as ``twin/real_params.json``);
 ``adaptwin twin fit --real-params twin/real_params.json`` puts them in a profile.
+
+``--closed-loop K`` (default and shipped: 1, ``--damping 0.5``) then refits the LoRA terms K times *on the twin's own
+trajectories*: every run is simulated with the current terms (in-sample and per fold), the twin's τ is exactly linear
+in the LoRA terms along that trajectory (:class:`adaptwin.twin.gauges.GaugeEngine`), and the terms are refitted so
+that it matches the real τ, damped. The open-loop gauge fit prices the terms at the runs' *mean* state and the twin
+then pays them on every step, where batch size and step time move together: it is 3-6 % slow on near-critical runs.
+Caveat: a fold's training trajectories come from the training runs' own folds (which saw the held-out workload);
+the held-out runs' trajectories never do.
 """
 
 from __future__ import annotations
@@ -30,6 +38,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from adaptwin.twin.profile import load_profile
 
@@ -112,13 +121,17 @@ def design(runs: list[dict], prof) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return np.array(xs), np.array(ys), np.array(lr)
 
 
-def fit_terms(runs: list[dict], prof, feats: list[dict] | None = None) -> dict:
-    """Least squares (relative error, non-negative terms) over a grid of rank slopes; on the real runs' gauges, or
-    with ``feats`` on the simulated runs' token-weighted step features (closed loop)."""
-    x, y, lr = design(runs, prof) if feats is None else design_sim(runs, feats, prof)
+def fit_terms(runs: list[dict], prof) -> dict:
+    """Least squares on the real runs' gauges (open loop): see :func:`fit_lora_terms`."""
+    x, y, lr = design(runs, prof)
+    return fit_lora_terms(x, y, lr, np.array([float(r["mean_itl_ms"]) for r in runs]))
+
+
+def fit_lora_terms(x: np.ndarray, y: np.ndarray, lr: np.ndarray, scale: np.ndarray) -> dict:
+    """The LoRA terms ``c >= 0`` and rank slope (on the grid) minimizing Σ ((x·(1 + slope·lr))·c − y)² / scale²:
+    relative errors, so that light runs (15 ms) count as much as heavy ones (300 ms)."""
     best = None
-    itl = np.array([float(r["mean_itl_ms"]) for r in runs])
-    wts = 1.0 / itl  # relative errors: light runs (15 ms) count as much as heavy ones (300 ms)
+    wts = 1.0 / scale
     for slope in RANK_SLOPES:
         xf = x * (1 + slope * lr)[:, None]
         active = list(range(x.shape[1]))
@@ -158,44 +171,48 @@ def simulated_engine(r: dict, prof, seed: int, engine_cls):
     return eng, dur
 
 
-def _sim_features(args) -> tuple[int, dict]:
-    """Simulate one run with a :class:`GaugeEngine`: its summary and token-weighted step features."""
-    from adaptwin.twin.gauges import GaugeEngine
+def _sim_tau(args) -> tuple[int, dict]:
+    """Simulate one run with a :class:`GaugeEngine`: its per-decode-token running-weighted step features, split into
+    the calibrated part of τ and the features the LoRA terms multiply (τ is linear in them along this trajectory),
+    with the run's τ and summary figures."""
+    from adaptwin.twin.gauges import LORA_FEATURES, GaugeEngine, known_ms
     from adaptwin.twin.result import SimResult
 
     i, r, prof, seed = args
     eng, dur = simulated_engine(r, prof, seed, GaugeEngine)
-    s = SimResult.from_engine(eng, dur).summary()
-    return i, {"summary": s, "features": eng.features.weighted()}
+    res = SimResult.from_engine(eng, dur)
+    decode_tokens = max(1.0, float((res.req["output"][res.finished_mask] - 1).sum()))
+    f = eng.tau.mean(per=decode_tokens)
+    s = res.summary()
+    return i, {"known": known_ms(prof, f), "lora": [f[k] for k in LORA_FEATURES],
+               "tau": sum(w.running_s for w in eng.windows) * 1e3 / decode_tokens, "total": s["total_throughput"],
+               "ideal": s["ideal_total_throughput"], "starved": s["starved"], "itl": s["mean_itl_ms"]}
 
 
-def simulate_features(rows: list[dict], profiles: list, jobs: int, seed: int = 0) -> list[dict]:
-    """Token-weighted step features of each row simulated with its own profile (rows[i] with profiles[i])."""
+def simulate_tau(rows: list[dict], profiles: list, jobs: int, seed: int = 0) -> list[dict]:
+    """:func:`_sim_tau` of each row with its own profile (rows[i] with profiles[i]), heaviest first."""
     from concurrent.futures import ProcessPoolExecutor
 
     work = sorted(((i, r, p, seed) for i, (r, p) in enumerate(zip(rows, profiles))),
                   key=lambda w: -float(w[1]["ideal_total_throughput"]))
     out: list[dict] = [None] * len(rows)  # type: ignore[list-item]
     with ProcessPoolExecutor(max_workers=max(1, jobs)) as pool:
-        for i, res in pool.map(_sim_features, work, chunksize=1):
+        for i, res in tqdm(pool.map(_sim_tau, work, chunksize=1), total=len(work), desc="closed-loop trajectories",
+                           unit="run", leave=False):
             out[i] = res
     return out
 
 
-def design_sim(runs: list[dict], feats: list[dict], prof) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Like :func:`design`, but from the simulated runs' token-weighted step features (closed loop): the LoRA-term
-    features [lora, N, prefill tokens, A, A·tokens/1000] and the real ITL minus the known (calibrated) terms."""
-    st = prof.step
-    xs, ys, lr = [], [], []
-    for r, f in zip(runs, feats):
-        F = f["features"]
-        known = (st.base_ms + st.decode_ms_per_seq * F["n_decode"] + st.prefill_ms_per_token * F["n_prefill"]
-                 + st.kv_read_ms_per_ktoken * F["context_ktokens"] + F["load_ms"] + prof.sched_base_ms + prof.sched_ms_per_running * F["running"]
-                 + prof.sched_ms_per_waiting_skipped * F["skipped_waiting"])
-        xs.append((F["lora"], F["n_decode"], F["n_prefill"], F["adapters"], F["adapters_ktokens"]))
-        ys.append(float(r["mean_itl_ms"]) - known)
-        lr.append(math.log2(max(int(r["max_lora_rank"]), 8) / 8))
-    return np.array(xs), np.array(ys), np.array(lr)
+def fit_closed_loop(runs: list[dict], traj: list[dict], prev: dict, damping: float) -> dict:
+    """LoRA terms whose τ *on the given trajectories* (the twin's, simulated with ``prev``) matches the real runs'
+    τ; returned as ``damping``·fit + (1 − damping)·``prev``. A step-time change moves a near-critical run's queue,
+    hence its batch and its τ again, by about as much: the undamped step overshoots (docs/twin.md §Profiles)."""
+    x = np.array([t["lora"] for t in traj])
+    tau = np.array([r["_tau_ms"] for r in runs])
+    y = tau - np.array([t["known"] for t in traj])
+    lr = np.array([math.log2(max(int(r["max_lora_rank"]), 8) / 8) for r in runs])
+    fit = fit_lora_terms(x, y, lr, tau)
+    return {k: damping * v + (1 - damping) * prev[k] for k, v in fit.items()}
 
 
 def fit_early_stop(runs: list[dict]) -> float:
@@ -232,6 +249,19 @@ def simulate_rows(rows: list[dict], profiles: list, jobs: int, seeds=(0,)) -> li
         for i, r in zip(idx, res):
             out[i] = r
     return out
+
+
+INPUTS = ("model", "rates", "ranks", "served_adapters", "max_loras", "max_lora_rank")
+
+
+def write_twin_answers(path: Path, rows: list[dict], sims: list[dict]) -> None:
+    """The twin's answers per run, inputs and twin outputs only (no real outcome): the learner's ``--twin-feature
+    lowo`` reads the LOWO ones (shipped as ``benchmarks/learner_twin_lowo.csv``)."""
+    with path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(INPUTS + ("sim_total_throughput", "sim_starved"))
+        for r, s in zip(rows, sims):
+            w.writerow([r[k] for k in INPUTS] + [s["sim_total_throughput"], s["sim_starved"]])
 
 
 def report(rows, sims, label, out: Path | None = None) -> dict:
@@ -279,8 +309,13 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=".cache/twin_fidelity")
     ap.add_argument("--skip-shipped", action="store_true", help="do not simulate with the shipped profiles")
     ap.add_argument("--skip-insample", action="store_true", help="with --fit: only the cross-validated pass")
-    ap.add_argument("--target", choices=("itl", "tau"), default="itl",
+    ap.add_argument("--target", choices=("itl", "tau"), default="tau",
                     help="gauge fit target: the runs' reported mean ITL, or their per-token time by Little's law")
+    ap.add_argument("--closed-loop", type=int, default=1, metavar="STEPS",
+                    help="with --fit: refit the LoRA terms this many times on the twin's own trajectories (0: the "
+                         "open-loop gauge fit)")
+    ap.add_argument("--damping", type=float, default=0.5,
+                    help="closed-loop step: new terms = d x the trajectory fit + (1 - d) x the terms simulated")
     ap.add_argument("--light-seeds", default=None,
                     help="N:S1,S2,..: runs with at most N expected requests average these seeds (Poisson noise)")
     args = ap.parse_args(argv)
@@ -303,31 +338,49 @@ def main(argv=None) -> int:
         profs = [load_profile(r["model"]) for r in runs]
         result["shipped"] = report(runs, simulate_rows(runs, profs, args.jobs, seeds), "shipped profile", out)
     if args.fit:
-        params, insample_profs, cv_profs = {}, [None] * len(runs), [None] * len(runs)
-        result["folds"] = {}
+        params, folds, bases, early = {}, {}, {}, {}
         for m in models:
-            base = load_profile(m)
-            base = with_terms(base, {"lora_ms_per_prefill_token": 0.0, "lora_rank_slope": 0.0,
-                                     "lora_ms_per_adapter_ktoken": 0.0})
+            base = with_terms(load_profile(m), {"lora_ms_per_prefill_token": 0.0, "lora_rank_slope": 0.0,
+                                                "lora_ms_per_adapter_ktoken": 0.0})
+            bases[m] = base
             mine = [r for r in runs if r["model"] == m]
-            terms = {**fit_terms(mine, base), "early_stop_fraction": fit_early_stop(mine)}
-            params[m] = terms
-            full = with_terms(base, terms)
+            params[m] = fit_terms(mine, base)
+            early[m] = fit_early_stop(mine)
             for w in sorted({r["workload"] for r in mine}):
                 train = [r for r in mine if r["workload"] != w]
-                fold = {**fit_terms(train, base), "early_stop_fraction": fit_early_stop(train)}
-                result["folds"][f"{m}|{w}"] = fold
-                fp = with_terms(base, fold)
-                for i, r in enumerate(runs):
-                    if r["model"] == m and r["workload"] == w:
-                        cv_profs[i] = fp
-            for i, r in enumerate(runs):
-                if r["model"] == m:
-                    insample_profs[i] = full
+                folds[(m, w)] = fit_terms(train, base)
+                early[(m, w)] = fit_early_stop(train)
+
+        def profiles():
+            """Per run: the all-runs (in-sample) profile and its leave-one-workload-out fold's profile."""
+            full = {m: with_terms(bases[m], {**params[m], "early_stop_fraction": early[m]}) for m in models}
+            cv = {k: with_terms(bases[k[0]], {**folds[k], "early_stop_fraction": early[k]}) for k in folds}
+            return [full[r["model"]] for r in runs], [cv[(r["model"], r["workload"])] for r in runs]
+
+        for k in range(args.closed_loop):
+            insample_profs, cv_profs = profiles()
+            traj_in = simulate_tau(runs, insample_profs, args.jobs, seeds[0])
+            traj_cv = simulate_tau(runs, cv_profs, args.jobs, seeds[0])
+            for m in models:
+                mine = [i for i, r in enumerate(runs) if r["model"] == m]
+                params[m] = fit_closed_loop([runs[i] for i in mine], [traj_in[i] for i in mine], params[m],
+                                            args.damping)
+                for (fm, w), prev in list(folds.items()):
+                    if fm == m:
+                        train = [i for i in mine if runs[i]["workload"] != w]
+                        folds[(m, w)] = fit_closed_loop([runs[i] for i in train], [traj_cv[i] for i in train], prev,
+                                                        args.damping)
+        insample_profs, cv_profs = profiles()
+        params = {m: {**params[m], "early_stop_fraction": early[m]} for m in models}
+        result["folds"] = {f"{m}|{w}": {**t, "early_stop_fraction": early[(m, w)]} for (m, w), t in folds.items()}
+        (out / "lowo_folds.json").write_text(json.dumps(result["folds"], indent=1) + "\n")
+        result["closed_loop"] = {"steps": args.closed_loop, "damping": args.damping}
         (out / "real_params.json").write_text(json.dumps(params, indent=1) + "\n")
         result["real_params"] = params
         print(json.dumps(params, indent=1))
-        result["lowo_cv"] = report(runs, simulate_rows(runs, cv_profs, args.jobs, seeds), "LOWO CV", out)
+        cv_sims = simulate_rows(runs, cv_profs, args.jobs, seeds)
+        result["lowo_cv"] = report(runs, cv_sims, "LOWO CV", out)
+        write_twin_answers(out / "learner_twin_lowo.csv", runs, cv_sims)
         if not args.skip_insample:
             result["in_sample"] = report(runs, simulate_rows(runs, insample_profs, args.jobs, seeds), "in-sample", out)
     result["wall_s"] = round(time.time() - t0, 1)

@@ -1,41 +1,69 @@
-"""Token-weighted step features of a simulated run: what a closed-loop fit of the step-time terms regresses on.
+"""Step features of a simulated run: what the closed-loop fit of the LoRA step-time terms regresses on.
 
-vLLM's mean ITL is token-weighted: every decoding request gets one gap per step, so a step with ``N`` decoders
-counts ``N`` times. The mean ITL of a run is therefore ``Σ_s N_s·dt_s / Σ_s N_s`` — and, the step time being linear
-in its terms, ``Σ_j c_j·F_j`` with ``F_j = Σ_s N_s·f_j(s) / Σ_s N_s`` the token-weighted mean of feature ``j``
-(decoders, prefill tokens, distinct adapters, …). A regression on a run's *time*-averaged gauges (mean running
-requests) instead of ``F`` is biased wherever the batch size and the step time move together (busy steps are long
-and full, so they weigh more): :class:`GaugeEngine` records ``F`` so that the fit can use the simulated trajectory
-(``benchmarks/twin_fidelity.py --fit``, docs/twin.md §Profiles).
+A step's time is linear in the profile's terms (``StepTime.step_ms`` plus adapter loads and scheduler overhead).
+Along a fixed trajectory, any weighted mean of the step times is therefore ``Σ_j c_j·F_j``, with ``F_j`` the same
+weighted mean of feature ``j`` (decoders, prefill tokens, distinct adapters, …). :class:`GaugeEngine` records two:
+
+* **token-weighted** (``itl``): each decoding request gets one gap per step, so a step with ``N`` decoders counts
+  ``N`` times; ``Σ_s N_s·dt_s / Σ_s N_s`` is the run's mean ITL;
+* **running-weighted per decode token** (``tau``): ``Σ_s running_s·dt_s / decode tokens`` is the per-token time τ that
+  Little's law gives from a run's gauges (mean running × duration / decode tokens), the fit's target.
+
+A regression on a run's *time-averaged* gauges instead of these is biased wherever batch size and step time move
+together (busy steps are long and full, so they weigh more): the closed-loop fit
+(``benchmarks/twin_fidelity.py --fit --closed-loop``, docs/twin.md §Profiles) uses the simulated trajectory.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+import numpy as np
 
 from adaptwin.twin.engine import Engine
+from adaptwin.twin.profile import Profile
 
-__all__ = ["GaugeEngine", "StepTermsEngine", "StepFeatures", "FEATURES"]
+__all__ = ["FEATURES", "LORA_FEATURES", "GaugeEngine", "StepFeatures", "StepTermsEngine", "known_ms", "lora_ms"]
 
-#: features of one step, in the order :meth:`StepFeatures.weighted` returns them
-FEATURES = ("one", "n_decode", "n_prefill", "adapters", "adapters_ktokens", "running", "skipped_waiting",
-            "load_ms", "lora", "context_ktokens")
+#: features of one step; the ``lora_*`` / ``adapters*`` ones are 0 on a step without an adapter
+FEATURES = ("one", "n_decode", "n_prefill", "context_ktokens", "load_ms", "running", "skipped_waiting",
+            "lora", "lora_n_decode", "lora_n_prefill", "adapters", "adapters_ktokens")
+#: the features the LoRA terms multiply, in the order of :data:`adaptwin.twin.profile` 's lora_* terms
+LORA_FEATURES = ("lora", "lora_n_decode", "lora_n_prefill", "adapters", "adapters_ktokens")
 
 
 @dataclass
 class StepFeatures:
-    """Sums over steps of ``gaps·feature`` (gaps = decoders in the step) and the step count / time."""
+    """Sums over steps of ``weight·feature`` and of the weight."""
 
-    gaps: float = 0.0
-    sums: list | None = None
-    steps: int = 0
-    busy_s: float = 0.0
-    itl_gap_s: float = 0.0  # Σ gaps·dt, to check the token-weighted ITL against the result's
+    weight: float = 0.0
+    sums: np.ndarray = field(default_factory=lambda: np.zeros(len(FEATURES)))
 
-    def weighted(self) -> dict[str, float]:
-        """Token-weighted mean of each feature (0 when the run had no decode gap)."""
-        g = self.gaps or 1.0
-        return {k: s / g for k, s in zip(FEATURES, self.sums or [0.0] * len(FEATURES))}
+    def add(self, w: float, vals: np.ndarray) -> None:
+        self.weight += w
+        self.sums += w * vals
+
+    def mean(self, per: float | None = None) -> dict[str, float]:
+        """Each feature's sum divided by ``per`` (default: the summed weight; 0 features when nothing was added)."""
+        d = per if per is not None else self.weight
+        return {k: float(s / d) if d else 0.0 for k, s in zip(FEATURES, self.sums)}
+
+
+def known_ms(prof: Profile, f: dict[str, float]) -> float:
+    """The part of the step time (mean ``f``) that the calibration fixes: base, decode, prefill, attention, loads and
+    scheduler overhead."""
+    st = prof.step
+    return (st.base_ms * f["one"] + st.decode_ms_per_seq * f["n_decode"] + st.prefill_ms_per_token * f["n_prefill"]
+            + st.kv_read_ms_per_ktoken * f["context_ktokens"] + f["load_ms"] + prof.sched_base_ms * f["one"]
+            + prof.sched_ms_per_running * f["running"] + prof.sched_ms_per_waiting_skipped * f["skipped_waiting"])
+
+
+def lora_ms(prof: Profile, f: dict[str, float], max_lora_rank: int) -> float:
+    """The LoRA part of the step time (mean ``f``) for a server started with ``max_lora_rank`` (lora family)."""
+    st = prof.step
+    c = (st.lora_base_ms, st.lora_ms_per_seq, st.lora_ms_per_prefill_token, st.lora_ms_per_adapter,
+         st.lora_ms_per_adapter_ktoken)
+    return st.rank_factor(max_lora_rank) * sum(ci * f[k] for ci, k in zip(c, LORA_FEATURES))
 
 
 class StepTermsEngine(Engine):
@@ -70,32 +98,31 @@ class StepTermsEngine(Engine):
 
 
 class GaugeEngine(StepTermsEngine):
-    """A :class:`StepTermsEngine` that records the token-weighted features of its steps."""
+    """A :class:`StepTermsEngine` that records the token-weighted (``itl``) and running-weighted (``tau``) sums of
+    its step features, and the summed gaps time (``itl_gap_s``) to check the first against the result's ITL."""
 
     def __init__(self, *args, **kw):
         super().__init__(*args, **kw)
-        self.features = StepFeatures(sums=[0.0] * len(FEATURES))
+        self.itl, self.tau = StepFeatures(), StepFeatures()
+        self.itl_gap_s = 0.0
+        self.steps = 0
 
     def _account(self, dt: float, steps: int) -> None:
         super()._account(dt, steps)
-        n_dec = self.n_decode
-        gaps = n_dec * steps
-        f = self.features
-        f.steps += steps
-        f.busy_s += dt
+        self.steps += steps
         load_ms = self._take_load_ms()
-        if gaps == 0:
+        n_run = len(self.running)
+        if n_run == 0:
             return
-        a = self.n_adapters
+        n_dec, a = self.n_decode, self.n_adapters
         lora = 1.0 if a else 0.0
         n_pre = self._prefill_tokens(dt * 1e3 / steps, steps, load_ms)
         skipped = (self.n_waiting - self._w_in_batch) if a >= self.config.max_loras else 0
         # context tokens the decoders attend to, mean over the steps (it grows by n_dec a step), thousands
         ctx = (self._off_sum + n_dec * (self.step + 1 + (steps - 1) / 2)) * 1e-3
-        vals = (1.0, n_dec, n_pre, a, a * (n_dec + n_pre) * 1e-3, len(self.running), skipped, load_ms / steps,
-                lora, ctx)
-        s = f.sums
-        for j, v in enumerate(vals):
-            s[j] += gaps * v
-        f.gaps += gaps
-        f.itl_gap_s += gaps * dt / steps
+        vals = np.array((1.0, n_dec, n_pre, ctx, load_ms / steps, n_run, skipped,
+                         lora, lora * n_dec, lora * n_pre, a, a * (n_dec + n_pre) * 1e-3))
+        self.tau.add(n_run * steps, vals)
+        if n_dec:
+            self.itl.add(n_dec * steps, vals)
+            self.itl_gap_s += n_dec * dt
