@@ -38,6 +38,15 @@ def vllm_installed() -> bool:
     return (VLLM_VENV / ".installed").is_file() and (VLLM_VENV / "bin" / "python").is_file()
 
 
+def require_vllm() -> None:
+    """Skip the calling test when `.venv-vllm` is missing; fail instead under ADAPTWIN_REQUIRE_VLLM=1."""
+    if not vllm_installed():
+        msg = f"{VLLM_VENV} is not installed: run `make vllm-setup` (deploy/vllm/setup.sh)"
+        if os.environ.get("ADAPTWIN_REQUIRE_VLLM") == "1":
+            pytest.fail(msg)
+        pytest.skip(msg)
+
+
 @dataclass
 class VllmServer:
     url: str
@@ -61,11 +70,7 @@ class VllmServer:
 
 @pytest.fixture(scope="module")
 def vllm_server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[VllmServer]:
-    if not vllm_installed():
-        msg = f"{VLLM_VENV} is not installed: run `make vllm-setup` (deploy/vllm/setup.sh)"
-        if os.environ.get("ADAPTWIN_REQUIRE_VLLM") == "1":
-            pytest.fail(msg)
-        pytest.skip(msg)
+    require_vllm()
     marker = request.node.get_closest_marker("vllm_server")
     opts = {"max_loras": 1, "max_cpu_loras": None, "adapters": 4, "ranks": "8,16", "seed": 0}
     opts.update(marker.kwargs if marker else {})

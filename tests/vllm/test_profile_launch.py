@@ -4,24 +4,19 @@
 from __future__ import annotations
 
 import csv
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from .conftest import VLLM_DIR, VLLM_VENV, vllm_installed
+from .conftest import VLLM_DIR, require_vllm
 
 pytestmark = pytest.mark.vllm
 
 
 def test_launch_starts_the_real_server_once_per_kv_configuration(tmp_path: Path) -> None:
-    if not vllm_installed():
-        msg = f"{VLLM_VENV} is not installed: run `make vllm-setup` (deploy/vllm/setup.sh)"
-        if os.environ.get("ADAPTWIN_REQUIRE_VLLM") == "1":
-            pytest.fail(msg)
-        pytest.skip(msg)
+    require_vllm()
     out = tmp_path / "cal"
     # adapters of ranks 8 and 16: max_lora_rank 8 is a configuration vLLM refuses to start with
     cmd = [sys.executable, "-m", "adaptwin", "profile", "vllm", "--out", str(out), "--model", "tiny", "--ranks", "8,16",
