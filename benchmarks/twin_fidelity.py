@@ -357,7 +357,7 @@ def main(argv=None) -> int:
             cv = {k: with_terms(bases[k[0]], {**folds[k], "early_stop_fraction": early[k]}) for k in folds}
             return [full[r["model"]] for r in runs], [cv[(r["model"], r["workload"])] for r in runs]
 
-        for k in range(args.closed_loop):
+        for _ in range(args.closed_loop):
             insample_profs, cv_profs = profiles()
             traj_in = simulate_tau(runs, insample_profs, args.jobs, seeds[0])
             traj_cv = simulate_tau(runs, cv_profs, args.jobs, seeds[0])
