@@ -239,22 +239,22 @@ def model_report(runs: list[RealRun], band: float) -> dict:
     multi = [r for r in runs if len(r.draws) >= 2]
     sig = [float(np.std([d["total"] / d["ideal"] for d in r.draws.values()], ddof=1)) for r in multi]
     sigma_max = max(sig) if sig else 0.0
-    stats = [run_stats(r, sigma_max) for r in runs if r.draws]
+    drawn = [r for r in runs if r.draws]
+    stats = [run_stats(r, sigma_max) for r in drawn]
     if not stats:
         return {}
-    seeds_all = sorted({s for r in runs for s in r.draws})
+    seeds_all = sorted({s for r in drawn for s in r.draws})
     k_max = max(st["seeds"] for st in stats)
     # agreement of seed j with the real flags; runs drawn once (outside the band) keep their seed-0 flag
-    per_seed = []
-    for j in seeds_all:
-        flags = [(r.draws.get(j) or r.draws[min(r.draws)])["starved"] for r in runs if r.draws]
-        per_seed.append(100 * float(np.mean([f == r.starved for f, r in zip(flags, [r for r in runs if r.draws])])))
+    per_seed = [100 * float(np.mean([(r.draws.get(j) or r.draws[min(r.draws)])["starved"] == r.starved
+                                     for r in drawn])) for j in seeds_all]
     near = [st for st in stats if st["seeds"] >= 2]
     outside = [st for st in stats if st["seeds"] < 2]
     cv = [st["offered_cv"] for st in near if st["offered_cv"] is not None]
     cv_by_rates = {}
-    for r, st in ((r, run_stats(r, sigma_max)) for r in multi):
-        cv_by_rates.setdefault(r.row["rates"], []).append(100 * st["offered_cv"])
+    for r, st in zip(drawn, stats):
+        if st["seeds"] >= 2:
+            cv_by_rates.setdefault(r.row["rates"], []).append(100 * st["offered_cv"])
     disagree0 = [st for st in stats if st["seed0_starved"] != st["real_starved"]]
     # offered load, served runs (>= 97 %, not client-limited): real hour vs the twin's seed 0, against twin seed 0 vs
     # the twin's other seeds -- what a fresh Poisson draw alone explains
