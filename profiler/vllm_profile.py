@@ -786,7 +786,7 @@ class Profiler:
                 log.warning("scheduler W=%d: %g waiting when the probe started, %g (and %g running) when it ended; "
                             "again with holders %d steps longer than the probe", w, st.waiting_a, st.waiting_b,
                             st.running_b, margin)
-            row = self._scheduler_row(st, 1, w, out)
+            row = self._scheduler_row(st, w, out)
             if not steady:  # kept in the CSV, left out of the fit
                 row["status"] = "failed:waiting_not_steady"
                 self.notes.append(f"scheduler W={w}: the waiting queue was not {w} throughout the probe, or the "
@@ -797,10 +797,10 @@ class Profiler:
             row["baseline_itl_ms"] = base_itl
             self.rows["est_scheduler_overhead.csv"].append(row)
 
-    def _scheduler_row(self, st: "Staged", n0: int, w: int, out: int) -> dict:
+    def _scheduler_row(self, st: "Staged", w: int, out: int) -> dict:
         row = {"source": "profile_vllm", "gpu_loras": self.max_loras, "cpu_loras": len(self.info.adapters),
                "cpu_gpu_diff": len(self.info.adapters) - self.max_loras, "rank": self.max_lora_rank,
-               "rate": "burst", "completed_requests": len(st.shot.ok), "avg_batch_size": n0 + self.max_loras,
+               "rate": "burst", "completed_requests": len(st.shot.ok), "avg_batch_size": self.max_loras + 1,  # holders + the probe
                "avg_waiting_queue": (st.waiting_a + st.waiting_b) / 2, "duration": st.span_s,
                "mean_loras_by_batch": self.max_loras,
                "set_waiting": w, "output_tokens": out, "waiting_at_start": st.waiting_a,
