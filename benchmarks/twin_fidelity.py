@@ -114,7 +114,7 @@ def design(runs: list[dict], prof) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         p_step = pre_tok_s * itl_ms / 1000.0
         a = expected_adapters(rates, served, ml, n, w)
         skipped = w * max(0.0, 1 - ml / served) if ml < served else 0.0
-        known = (st.base_ms + st.decode_ms_per_seq * n + st.prefill_ms_per_token * p_step
+        known = (st.decode_ms(n) + st.prefill_ms_per_token * p_step
                  + st.kv_read_ms_per_ktoken * 1e-3 * n * ctx.get(r["model"], 0.0) + prof.sched_base_ms + prof.sched_ms_per_running * n + prof.sched_ms_per_waiting_skipped * skipped)
         target = r["_tau_ms"] if TARGET == "tau" and n >= 1 else itl_ms
         xs.append((1.0, n, p_step, a, a * (n + p_step) / 1000.0)); ys.append(target - known); lr.append(math.log2(max(mlr, 8) / 8))

@@ -93,10 +93,23 @@ def kv_read_term(model: str, source: Path | None = KV_READ_SOURCE) -> tuple[floa
         "n": int(dvc.get("n_points", 0))}
 
 
+#: candidate knees of the decode fit (decoding requests): the fit keeps the one with the smallest RMSE
+DECODE_KNEES = tuple(range(100, 451, 50))
+
+
+def decode_ms(decode: dict, n):
+    """The non-LoRA decode step of :func:`fit_decode`'s terms at ``n`` decoding requests (array or float)."""
+    return (decode["base_ms"] + decode["decode_ms_per_seq"] * n
+            + decode.get("decode_ms_per_seq_above_knee", 0.0) * np.maximum(0.0, n - decode.get("decode_knee_seqs", 0.0)))
+
+
 def fit_decode(rows: list[dict], model: str, kv_read: float = 0.0) -> tuple[dict, dict]:
-    """``ITL = base + decode·N + kv_read·N·context``: the decode runs (prompt of I tokens, O output tokens) hold a mean
-    context of I + (O+1)/2 tokens per request, so their attention share is removed before the linear fit — the
-    twin prices the context of its own requests (ShareGPT: ~360 tokens) with ``kv_read_ms_per_ktoken``."""
+    """``ITL = base + decode·N + above_knee·max(0, N − knee) + kv_read·N·context``: the decode runs (prompt of I tokens,
+    O output tokens) hold a mean context of I + (O+1)/2 tokens per request, so their attention share is removed before
+    the fit — the twin prices the context of its own requests (ShareGPT: ~360 tokens) with ``kv_read_ms_per_ktoken``.
+    A small batch is bound by reading the weights and a large one by compute, so the cost per sequence rises past a
+    knee: a straight line is ~1 ms high between 170 and 370 sequences on both models. The knee is the one of
+    :data:`DECODE_KNEES` with the smallest RMSE; none when no knee beats the line."""
     pts = [r for r in rows if r["model"] == model and r["experiment"] == "decode" and r["status"] == "ok"]
     if len(pts) < 3:
         raise FitError(f"est_default_latency.csv has {len(pts)} decode points for {model}; need >= 3")
@@ -104,11 +117,25 @@ def fit_decode(rows: list[dict], model: str, kv_read: float = 0.0) -> tuple[dict
     ctx = np.array([_f(r, "set_input_length") + (_f(r, "set_output_length") + 1) / 2 for r in pts])
     attn = kv_read * 1e-3 * n * ctx
     y = np.array([_f(r, "mean_itl_ms") for r in pts])
-    coef = _lstsq(np.c_[np.ones_like(n), n], y - attn)
-    return ({"base_ms": coef[0], "decode_ms_per_seq": coef[1]},
-            {"form": "itl_ms = base_ms + decode_ms_per_seq * mean_batch_size + kv_read * mean_batch_size * context "
-                     "(no LoRA, context = input + (output+1)/2)",
-             "source": "est_default_latency.csv experiment=decode", **_errors(y, coef[0] + coef[1] * n + attn)})
+
+    def rmse(terms: dict) -> float:
+        return float(np.sqrt(np.mean((decode_ms(terms, n) + attn - y) ** 2)))
+
+    c = _lstsq(np.c_[np.ones_like(n), n], y - attn)
+    terms = {"base_ms": c[0], "decode_ms_per_seq": c[1], "decode_knee_seqs": 0.0, "decode_ms_per_seq_above_knee": 0.0}
+    line_rmse = rmse(terms)
+    for knee in DECODE_KNEES if len(pts) >= 5 else ():
+        c = _lstsq(np.c_[np.ones_like(n), n, np.maximum(0.0, n - knee)], y - attn)
+        kneed = {"base_ms": c[0], "decode_ms_per_seq": c[1], "decode_knee_seqs": float(knee),
+                 "decode_ms_per_seq_above_knee": c[2]}
+        if c[2] > 0 and rmse(kneed) < rmse(terms):
+            terms = kneed
+    return (terms,
+            {"form": "itl_ms = base_ms + decode_ms_per_seq * N + decode_ms_per_seq_above_knee * max(0, N - "
+                     "decode_knee_seqs) + kv_read * N * context (no LoRA, N = mean batch size, context = input + "
+                     "(output+1)/2; knee from " + ", ".join(map(str, DECODE_KNEES)) + ", smallest RMSE)",
+             "source": "est_default_latency.csv experiment=decode", "straight_line_rmse": line_rmse,
+             **_errors(y, decode_ms(terms, n) + attn)})
 
 
 def fit_prefill(rows: list[dict], model: str) -> tuple[dict, dict]:
@@ -131,7 +158,7 @@ def fit_lora(rows: list[dict], sched_rows: list[dict], model: str, decode: dict,
     Points: the overhead runs (N≈200 decodes, A = distinct adapters per step from the server log) and the light-load
     runs of the scheduler study (no queue, N < 30), which pin the intercept the overhead runs cannot separate from N.
     """
-    base, per_seq, per_tok = decode["base_ms"], decode["decode_ms_per_seq"], prefill["prefill_ms_per_token"]
+    per_tok = prefill["prefill_ms_per_token"]
     xs, ys, tags = [], [], []
     for r in rows:
         if r["model"] != model or r["experiment"] != "overhead_small" or r["status"] != "ok":
@@ -141,14 +168,14 @@ def fit_lora(rows: list[dict], sched_rows: list[dict], model: str, decode: dict,
             continue
         n = _f(r, "mean_batch_size")
         attn = kv_read * 1e-3 * n * (_f(r, "set_input_length") + (_f(r, "set_output_length") + 1) / 2)
-        xs.append((1.0, n, a)); ys.append(_f(r, "mean_itl_ms") - (base + per_seq * n + attn)); tags.append("overhead")
+        xs.append((1.0, n, a)); ys.append(_f(r, "mean_itl_ms") - (decode_ms(decode, n) + attn)); tags.append("overhead")
     for r in sched_rows:
         n, w, a = _f(r, "avg_batch_size"), _f(r, "avg_waiting_queue"), _f(r, "mean_loras_by_batch")
         if not (w < 1.0 and n < 30 and a > 0 and _f(r, "steps") > 0):
             continue
         prefill_ms = _f(r, "completed_requests") * POOL_MEAN_PROMPT * per_tok / _f(r, "steps")
         attn = kv_read * 1e-3 * n * POOL_DECODE_CONTEXT
-        xs.append((1.0, n, a)); ys.append(_f(r, "mean_itl_ms") - (base + per_seq * n + attn) - prefill_ms)
+        xs.append((1.0, n, a)); ys.append(_f(r, "mean_itl_ms") - (decode_ms(decode, n) + attn) - prefill_ms)
         tags.append("light")
     if len(xs) < 4:
         raise FitError(f"too few LoRA overhead points for {model} ({len(xs)})")
@@ -262,7 +289,8 @@ def fit_profile(calibration: str | Path, model: str, gpu: str = "h100-64gb", *,
         if key in step:
             step[key] = float(real.pop(key))
     sources = {
-        "base_ms": "decode fit", "decode_ms_per_seq": "decode fit", "prefill_ms_per_token": "prefill fit",
+        "base_ms": "decode fit", "decode_ms_per_seq": "decode fit", "decode_knee_seqs": "decode fit",
+        "decode_ms_per_seq_above_knee": "decode fit", "prefill_ms_per_token": "prefill fit",
         "kv_read_ms_per_ktoken": "GPU measurement (kv_read fit)" if kv_read else "off: 0 (see fits.kv_read)",
         **{k: ("real runs (--real-params), replacing the lora fit" if real_params and k in real_params else "lora fit")
            for k in ("lora_base_ms", "lora_ms_per_seq", "lora_ms_per_adapter")},

@@ -92,6 +92,7 @@ class Engine:
         lscale = st.rank_factor(config.max_lora_rank) * prof.family_scale(config.adapter_family)
         self._c_base, self._c_dec, self._c_pre = st.base_ms, st.decode_ms_per_seq, st.prefill_ms_per_token
         self._c_kv = st.kv_read_ms_per_ktoken * 1e-3  # ms per context token a decoder attends to
+        self._c_knee, self._knee = st.decode_ms_per_seq_above_knee, st.decode_knee_seqs
         self._l_base, self._l_dec = lscale * st.lora_base_ms, lscale * st.lora_ms_per_seq
         self._l_pre, self._l_ad = lscale * st.lora_ms_per_prefill_token, lscale * st.lora_ms_per_adapter
         self._l_adk = lscale * st.lora_ms_per_adapter_ktoken * 1e-3
@@ -439,7 +440,7 @@ class Engine:
         for _, c in chunks:
             n_pre += c
         n_dec = self.n_decode
-        dt_ms = self._c_base + self._c_dec * n_dec + self._c_pre * n_pre + load_ms + self._kv_read_ms()
+        dt_ms = self._decode_ms(n_dec) + self._c_pre * n_pre + load_ms + self._kv_read_ms()
         if self.n_adapters:
             dt_ms += (self._l_base + self._l_dec * n_dec + self._l_pre * n_pre
                       + self.n_adapters * (self._l_ad + self._l_adk * (n_dec + n_pre))) * self._fam[self.n_adapters]
@@ -491,12 +492,17 @@ class Engine:
 
     def _decode_dt(self) -> float:
         n_dec = self.n_decode
-        ms = self._c_base + self._c_dec * n_dec + self._kv_read_ms()
+        ms = self._decode_ms(n_dec) + self._kv_read_ms()
         if self.n_adapters:
             ms += (self._l_base + self._l_dec * n_dec
                    + self.n_adapters * (self._l_ad + self._l_adk * n_dec)) * self._fam[self.n_adapters]
         ms += self._sched_ms()
         return ms * 1e-3
+
+    def _decode_ms(self, n_dec: int) -> float:
+        """Base and per-decoder cost of a step (:meth:`StepTimeModel.decode_ms`)."""
+        ms = self._c_base + self._c_dec * n_dec
+        return ms + self._c_knee * (n_dec - self._knee) if n_dec > self._knee and self._c_knee else ms
 
     def _kv_read_ms(self) -> float:
         """Attention of this step's decoders: each reads its context (tokens so far plus the new one)."""

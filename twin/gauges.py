@@ -26,8 +26,8 @@ from adaptwin.twin.profile import Profile
 __all__ = ["FEATURES", "LORA_FEATURES", "GaugeEngine", "StepFeatures", "StepTermsEngine", "known_ms", "lora_ms"]
 
 #: features of one step; the ``lora_*`` / ``adapters*`` ones are 0 on a step without an adapter
-FEATURES = ("one", "n_decode", "n_prefill", "context_ktokens", "load_ms", "running", "skipped_waiting",
-            "lora", "lora_n_decode", "lora_n_prefill", "adapters", "adapters_ktokens")
+FEATURES = ("one", "n_decode", "n_decode_above_knee", "n_prefill", "context_ktokens", "load_ms", "running",
+            "skipped_waiting", "lora", "lora_n_decode", "lora_n_prefill", "adapters", "adapters_ktokens")
 #: the features the LoRA terms multiply, in the order of :data:`adaptwin.twin.profile` 's lora_* terms
 LORA_FEATURES = ("lora", "lora_n_decode", "lora_n_prefill", "adapters", "adapters_ktokens")
 
@@ -53,7 +53,8 @@ def known_ms(prof: Profile, f: dict[str, float]) -> float:
     """The part of the step time (mean ``f``) that the calibration fixes: base, decode, prefill, attention, loads and
     scheduler overhead."""
     st = prof.step
-    return (st.base_ms * f["one"] + st.decode_ms_per_seq * f["n_decode"] + st.prefill_ms_per_token * f["n_prefill"]
+    return (st.base_ms * f["one"] + st.decode_ms_per_seq * f["n_decode"]
+            + st.decode_ms_per_seq_above_knee * f["n_decode_above_knee"] + st.prefill_ms_per_token * f["n_prefill"]
             + st.kv_read_ms_per_ktoken * f["context_ktokens"] + f["load_ms"] + prof.sched_base_ms * f["one"]
             + prof.sched_ms_per_running * f["running"] + prof.sched_ms_per_waiting_skipped * f["skipped_waiting"])
 
@@ -91,7 +92,7 @@ class StepTermsEngine(Engine):
             return 0.0
         n_dec, a = self.n_decode, self.n_adapters
         lora = 1.0 if a else 0.0
-        known = (self._c_base + self._c_dec * n_dec + load_ms + self._sched_ms() + self._kv_read_ms()
+        known = (self._decode_ms(n_dec) + load_ms + self._sched_ms() + self._kv_read_ms()
                  + lora * (self._l_base + self._l_dec * n_dec + a * (self._l_ad + self._l_adk * n_dec)))
         per_tok = self._c_pre + lora * (self._l_pre + a * self._l_adk)
         return max(0.0, (per_step_ms - known) / per_tok) if per_tok > 0 else 0.0
@@ -120,7 +121,7 @@ class GaugeEngine(StepTermsEngine):
         skipped = (self.n_waiting - self._w_in_batch) if a >= self.config.max_loras else 0
         # context tokens the decoders attend to, mean over the steps (it grows by n_dec a step), thousands
         ctx = (self._off_sum + n_dec * (self.step + 1 + (steps - 1) / 2)) * 1e-3
-        vals = np.array((1.0, n_dec, n_pre, ctx, load_ms / steps, n_run, skipped,
+        vals = np.array((1.0, n_dec, max(0.0, n_dec - self._knee), n_pre, ctx, load_ms / steps, n_run, skipped,
                          lora, lora * n_dec, lora * n_pre, a, a * (n_dec + n_pre) * 1e-3))
         self.tau.add(n_run * steps, vals)
         if n_dec:

@@ -41,6 +41,8 @@ STEP_FIELDS = {
 #: optional step-time coefficients (0 when a profile predates them)
 OPTIONAL_STEP_FIELDS = {
     "kv_read_ms_per_ktoken": "each 1000 context tokens the step's decoding requests attend to (KV-cache reads)",
+    "decode_knee_seqs": "decoding requests up to which the per-sequence cost is decode_ms_per_seq alone",
+    "decode_ms_per_seq_above_knee": "extra per decoding request beyond decode_knee_seqs (compute-bound batch)",
 }
 SCHED_FIELDS = {
     "base_ms": "every step",
@@ -148,7 +150,8 @@ def _num(obj: Mapping[str, Any], key: str, where: str, *, allow_negative: bool =
 class StepTimeModel:
     """Latency of one engine step (ms) as a sum of per-operation terms (Vidur-style).
 
-    ``step_ms = base + decode·n_decode + prefill·n_prefill + kv_read·context_tokens/1000
+    ``step_ms = base + decode·n_decode + decode_above_knee·max(0, n_decode − decode_knee) + prefill·n_prefill
+    + kv_read·context_tokens/1000
     + [LoRA in batch]·rank_factor·(lora_base + lora_seq·n_decode + lora_prefill·n_prefill + lora_adapter·A
     + lora_adapter_ktoken·A·(n_decode + n_prefill)/1000)``
     plus adapter loads and scheduler overhead, which the engine adds (they depend on its state).
@@ -166,6 +169,15 @@ class StepTimeModel:
     # decode attention reads every context token's K and V once per step: memory-bound, linear in the batch's
     # context tokens (measured on an H100, profiler/measured/h100), independent of LoRA
     kv_read_ms_per_ktoken: float = 0.0
+    # a small decode batch is bound by reading the weights, a large one by compute: the per-sequence cost is lower up
+    # to the knee than above it (est_default_latency.csv: a straight line is 1 ms high mid-range; profiler/fit.py)
+    decode_knee_seqs: float = 0.0
+    decode_ms_per_seq_above_knee: float = 0.0
+
+    def decode_ms(self, n_decode: float) -> float:
+        """The non-LoRA decode part of a step with ``n_decode`` decoding requests: base, per sequence, knee."""
+        return (self.base_ms + self.decode_ms_per_seq * n_decode
+                + self.decode_ms_per_seq_above_knee * max(0.0, n_decode - self.decode_knee_seqs))
 
     def rank_factor(self, max_lora_rank: int) -> float:
         """Scale of the LoRA terms for a server started with ``--max-lora-rank``."""
@@ -173,7 +185,7 @@ class StepTimeModel:
 
     def step_ms(self, n_decode: int, n_prefill: int, n_adapters: int, rank_factor: float = 1.0,
                 context_tokens: int = 0) -> float:
-        ms = (self.base_ms + self.decode_ms_per_seq * n_decode + self.prefill_ms_per_token * n_prefill
+        ms = (self.decode_ms(n_decode) + self.prefill_ms_per_token * n_prefill
               + self.kv_read_ms_per_ktoken * context_tokens * 1e-3)
         if n_adapters > 0:
             ms += rank_factor * (self.lora_base_ms + self.lora_ms_per_seq * n_decode

@@ -48,6 +48,25 @@ def test_features_rebuild_the_itl_and_tau(slots, rate):
                                                                                     rel=1e-6)
 
 
+def test_features_rebuild_tau_above_the_decode_knee():
+    """With a decode knee inside the run's batch sizes, the knee feature prices the compute-bound steps exactly."""
+    cfg = ServerConfig(model=LLAMA, served=8, max_loras=8, adapter_ranks=(8, 16) * 4, max_lora_rank=16)
+    arr = make_arrivals(600, 8, rate=40.0, seed=3, max_prompt=900, max_out=200)
+    dur = float(arr.time[-1]) + 600.0
+    prof = load_profile(LLAMA)
+    kneed = dataclasses.replace(prof, step=dataclasses.replace(prof.step, decode_knee_seqs=5.0,
+                                                               decode_ms_per_seq_above_knee=0.5))
+    _, plain = _run(GaugeEngine, cfg, arr, dur, dataclasses.replace(
+        prof, step=dataclasses.replace(prof.step, decode_ms_per_seq_above_knee=0.0)))
+    gauged, res = _run(GaugeEngine, cfg, arr, dur, kneed)
+    assert res.summary()["mean_itl_ms"] > plain.summary()["mean_itl_ms"]
+    f = gauged.tau.mean(per=float((res.req["output"][res.finished_mask] - 1).sum()))
+    assert 0 < f["n_decode_above_knee"] < f["n_decode"]
+    running_ms = sum(w.running_s for w in gauged.windows) * 1e3
+    decode_tokens = float((res.req["output"][res.finished_mask] - 1).sum())
+    assert _step_ms(kneed, f, cfg) == pytest.approx(running_ms / decode_tokens, rel=1e-6)
+
+
 def test_features_follow_the_profile():
     """A slower per-adapter cost shows up in the ITL the features explain, not only in the step clock."""
     cfg = ServerConfig(model=LLAMA, served=8, max_loras=4, adapter_ranks=(8,) * 8)

@@ -66,3 +66,35 @@ def test_fit_reproduces_shipped_profile(model):
         assert fitted["step_time"][key] == pytest.approx(value, rel=1e-6), key
     assert fitted["kv_capacity"]["table"] == shipped["kv_capacity"]["table"]
     assert fitted["scheduler"] == pytest.approx(shipped["scheduler"], rel=1e-6)
+
+
+def test_decode_fit_finds_the_knee_and_keeps_a_straight_line():
+    """A batch bound by reading the weights costs less per sequence than a compute-bound one: the decode fit finds a
+    knee in such points (and its cost above it) and keeps a straight line when there is none."""
+    from adaptwin.profiler.fit import decode_ms, fit_decode
+
+    def rows(itl):
+        return [{"model": "m", "experiment": "decode", "status": "ok", "mean_batch_size": str(n),
+                 "set_input_length": "1", "set_output_length": "100", "mean_itl_ms": str(itl(n))}
+                for n in (40, 90, 170, 260, 350, 480, 620, 760, 850)]
+
+    kneed, fit = fit_decode(rows(lambda n: 12.0 + 0.03 * n + 0.02 * max(0, n - 250)), "m")
+    assert kneed["decode_knee_seqs"] == 250 and fit["rmse"] < 1e-9 < fit["straight_line_rmse"]
+    assert kneed["decode_ms_per_seq_above_knee"] == pytest.approx(0.02) and kneed["base_ms"] == pytest.approx(12.0)
+    assert decode_ms(kneed, 600.0) == pytest.approx(12.0 + 0.03 * 600 + 0.02 * 350)
+    line, _ = fit_decode(rows(lambda n: 10.0 + 0.05 * n), "m")
+    assert line["decode_knee_seqs"] == 0 and line["decode_ms_per_seq_above_knee"] == 0
+    assert line["decode_ms_per_seq"] == pytest.approx(0.05)
+
+
+@pytest.mark.parametrize("model", [LLAMA, QWEN])
+def test_shipped_decode_has_a_knee_and_the_engine_prices_it(model):
+    from adaptwin.twin import Engine, ServerConfig
+
+    st = load_profile(model).step
+    assert st.decode_knee_seqs > 0 and st.decode_ms_per_seq_above_knee > 0
+    eng = Engine(ServerConfig(model=model, served=8, max_loras=8, adapter_ranks=(8,) * 8), load_profile(model))
+    for n in (0, int(st.decode_knee_seqs), int(st.decode_knee_seqs) + 100):
+        assert eng._decode_ms(n) == pytest.approx(st.decode_ms(n))
+    above = st.decode_ms(st.decode_knee_seqs + 100) - st.decode_ms(st.decode_knee_seqs)
+    assert above == pytest.approx(100 * (st.decode_ms_per_seq + st.decode_ms_per_seq_above_knee))
