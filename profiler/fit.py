@@ -99,14 +99,15 @@ DECODE_KNEES = tuple(range(100, 451, 50))
 
 def decode_ms(decode: dict, n):
     """The non-LoRA decode step of :func:`fit_decode`'s terms at ``n`` decoding requests (array or float)."""
-    return (decode["base_ms"] + decode["decode_ms_per_seq"] * n
-            + decode.get("decode_ms_per_seq_above_knee", 0.0) * np.maximum(0.0, n - decode.get("decode_knee_seqs", 0.0)))
+    above = np.maximum(0.0, n - decode.get("decode_knee_seqs", 0.0))
+    return decode["base_ms"] + decode["decode_ms_per_seq"] * n + decode.get("decode_ms_per_seq_above_knee", 0.0) * above
 
 
 def fit_decode(rows: list[dict], model: str, kv_read: float = 0.0) -> tuple[dict, dict]:
-    """``ITL = base + decode·N + above_knee·max(0, N − knee) + kv_read·N·context``: the decode runs (prompt of I tokens,
-    O output tokens) hold a mean context of I + (O+1)/2 tokens per request, so their attention share is removed before
-    the fit — the twin prices the context of its own requests (ShareGPT: ~360 tokens) with ``kv_read_ms_per_ktoken``.
+    """``ITL = base + decode·N + above_knee·max(0, N − knee) + kv_read·N·context``: the decode runs (prompt of I
+    tokens, O output tokens) hold a mean context of I + (O+1)/2 tokens per request, so their attention share is removed
+    before the fit — the twin prices the context of its own requests (ShareGPT: ~360 tokens) with
+    ``kv_read_ms_per_ktoken``.
     A small batch is bound by reading the weights and a large one by compute, so the cost per sequence rises past a
     knee: a straight line is ~1 ms high between 170 and 370 sequences on both models. The knee is the one of
     :data:`DECODE_KNEES` with the smallest RMSE; none when no knee beats the line."""
