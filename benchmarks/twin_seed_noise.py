@@ -47,8 +47,8 @@ MODELS = {"llama": "llama-3.1-8b-instruct", "qwen": "qwen-2.5-7b-instruct"}
 CACHE = Path(__file__).with_name("twin_seed_noise.json")
 LOWO_FOLDS = Path(__file__).with_name("twin_lowo_folds.json")
 THRESHOLD = 0.9  # starved <=> completed < 90 % of offered tokens (paper §1.3; twin: 1 - total/ideal >= 0.1)
-# LOWO cross-validated agreement of the shipped twin, seed 0 (benchmarks/RESULTS.md, Twin section, session 5)
-MEASURED_LOWO = {"llama-3.1-8b-instruct": 98.5, "qwen-2.5-7b-instruct": 98.8}
+# the LOWO twin's answers per real run, seed 0 (written by `twin_fidelity --fit` with the folds above)
+LOWO_ANSWERS = Path(__file__).with_name("learner_twin_lowo.csv")
 KEY_FIELDS = ("model", "rates", "ranks", "served_adapters", "max_loras", "max_lora_rank", "duration_s")
 
 
@@ -100,6 +100,18 @@ def attach_lowo_profiles(runs: list[RealRun], folds_path: Path = LOWO_FOLDS) -> 
         if key not in profiles:
             profiles[key] = tf.with_terms(load_profile(run.model), folds[key])
         run.profile, run.variant = profiles[key], "lowo"
+
+
+def measured_lowo_pct(model: str) -> float | None:
+    """The shipped LOWO twin's seed-0 flag agreement with the real runs of ``model`` (RESULTS.md, Twin), from
+    ``LOWO_ANSWERS`` matched to the scenarios row by row on the inputs."""
+    inputs = KEY_FIELDS[:-1]
+    with open(LOWO_ANSWERS, newline="") as f:
+        twin = {tuple(r[k] for k in inputs): int(r["sim_starved"]) for r in csv.DictReader(f) if r["model"] == model}
+    with open(SCENARIOS, newline="") as f:
+        same = [twin[key] == int(r["starved"]) for r in csv.DictReader(f) if r["model"] == model
+                for key in [tuple(r[k] for k in inputs)] if key in twin]
+    return 100 * float(np.mean(same)) if same else None
 
 
 def twin_fingerprint(model: str) -> str:
@@ -279,7 +291,7 @@ def model_report(runs: list[RealRun], band: float) -> dict:
         "agreement_mean_over_seeds_pct": float(np.mean(per_seed)) if per_seed else None,
         "agreement_seed_range_pct": [min(per_seed), max(per_seed)] if per_seed else None,
         "disagreements_seed0": len(disagree0),
-        "measured_lowo_pct": MEASURED_LOWO.get(runs[0].model),
+        "measured_lowo_pct": measured_lowo_pct(runs[0].model),
         "share_std_median": float(np.median(sig)) if sig else None,
         "share_std_max": sigma_max,
         "offered_cv_median_pct": 100 * float(np.median(cv)) if cv else None,
