@@ -23,8 +23,10 @@ import time
 
 import httpx
 
+from adaptwin.replay.aio import LOOP_KIND
 from adaptwin.replay.backends.base import ReplayRequest, ServingConfig
 from adaptwin.replay.backends.vllm import VllmBackend
+from adaptwin.replay.netstamp import KERNEL_STAMPS
 
 MODEL = "llama-3.1-8b-instruct"
 
@@ -118,7 +120,8 @@ def markdown(res: dict) -> str:
     env = res["env"]
     lines = ["# `vllm` backend vs `twin serve` (benchmarks/vllm_backend.py)", "",
              f"Machine: {env['cpus']} CPUs, load average {env['loadavg']} at start (shared box), Python "
-             f"{env['python']}; client and server in separate processes; {env['date']}.", "",
+             f"{env['python']}, event loop {env['loop']}, kernel receive stamps {env['kernel_stamps']}; client and "
+             f"server in separate processes; {env['date']}.", "",
              "## Ceiling (wall req/s; twin at speedup 10, 16 adapters, prompt 32, max_tokens 8)", "",
              "| offered req/s | completed req/s | finished | failed | send lag mean / max ms | max backlog | "
              "client TTFT ms | twin lag ms |", "|---|---|---|---|---|---|---|---|"]
@@ -146,7 +149,8 @@ def main() -> int:
     ap.add_argument("--md", default=None)
     args = ap.parse_args()
     env = {"cpus": os.cpu_count(), "loadavg": [round(x, 1) for x in os.getloadavg()],
-           "python": platform.python_version(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+           "python": platform.python_version(), "loop": LOOP_KIND, "kernel_stamps": KERNEL_STAMPS,
+           "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     rows = ceiling([float(r) for r in args.rates.split(",")], args.seconds)
     ok = [r["offered_rps"] for r in rows if r["finished_share"] >= 0.99 and r["send_lag_ms_mean"] < 20]
     agree = [agreement(1.0, 8.0, 20.0, 512, 16), agreement(10.0, 60.0, 20.0, 512, 16)]

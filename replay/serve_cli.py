@@ -59,6 +59,7 @@ def _serve(args: argparse.Namespace) -> int:
     import os
     import signal
 
+    from adaptwin.replay.aio import run
     from adaptwin.replay.serve import FaultError, Faults, ServeConfig, TwinServer
     from adaptwin.twin.config import ConfigError
     from adaptwin.twin.profile import ProfileError
@@ -95,5 +96,5 @@ def _serve(args: argparse.Namespace) -> int:
         print("twin serve: stopping", file=sys.stderr, flush=True)
         await server.close()
 
-    asyncio.run(main())
+    run(main())
     return 0

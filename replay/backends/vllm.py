@@ -6,8 +6,9 @@ whatever the server does. It is a streamed ``/v1/completions`` with the adapter 
 into free prefills), ``max_tokens`` = the request's output tokens and ``ignore_eos``. TTFT, ITL and end-to-end come
 from the stream (``stream_options.continuous_usage_stats`` gives the exact token count of each event, otherwise
 each event counts as one token), converted to trace milliseconds (wall × speedup) and measured from the moment the
-request was sent (vLLM's benchmark does the same); how late requests left — the client's own backlog — is reported
-by :meth:`VllmBackend.stats`, never folded in silently.
+request was sent (vLLM's benchmark does the same) to when each event's bytes reached this host (the kernel's receive
+time on plain HTTP, :mod:`adaptwin.replay.netstamp`); how late requests left — the client's own backlog — is
+reported by :meth:`VllmBackend.stats`, never folded in silently.
 
 Failures never stop a replay: a 4xx/5xx, a timeout, a refused or reset connection comes back as a failed
 :class:`~adaptwin.replay.backends.base.Completion` with the reason. Failures before the first token (connect
@@ -42,8 +43,10 @@ from typing import Sequence
 
 import httpx
 
+from adaptwin.replay.aio import new_event_loop
 from adaptwin.replay.backends.base import Completion, Gauges, ReplayRequest, ServingConfig
 from adaptwin.replay.backends.promtext import PromParseError, parse
+from adaptwin.replay.netstamp import KERNEL_STAMPS, StampedReader, open_stamped_connection
 
 __all__ = ["VllmBackend", "VllmBackendError", "api_key_from_env", "gauges_from_metrics"]
 
@@ -157,8 +160,13 @@ class _Pool:
                 return conn, True
             conn[1].close()
         async with asyncio.timeout(self.connect_timeout_s):
-            reader, writer = await asyncio.open_connection(self.host, self.port, ssl=self.ssl, limit=1 << 20)
-        return (reader, writer), False
+            if self.ssl is None and KERNEL_STAMPS:  # tokens stamped with the kernel's receive time
+                return await open_stamped_connection(self.host, self.port, limit=1 << 20), False
+            loop = asyncio.get_running_loop()  # asyncio.open_connection, with a stamping reader
+            reader = StampedReader(limit=1 << 20, loop=loop)
+            protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
+            transport, _ = await loop.create_connection(lambda: protocol, self.host, self.port, ssl=self.ssl)
+            return (reader, asyncio.StreamWriter(transport, protocol, reader, loop)), False
 
     def put(self, conn, headers: dict) -> None:
         if headers.get("connection", "").lower() == "close" or conn[1].is_closing():
@@ -296,7 +304,7 @@ class VllmBackend:
         if self._thread is not None:
             raise VllmBackendError("this backend was already started; make a new one per run")
         self.config = config
-        self._loop = asyncio.new_event_loop()
+        self._loop = new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="vllm-backend", daemon=True)
         self._thread.start()
         try:
@@ -536,17 +544,16 @@ class VllmBackend:
 
     async def _attempt(self, r: ReplayRequest, prog: _Progress, due: float) -> _Outcome:
         body = json.dumps(self._body(r), separators=(",", ":")).encode()
-        now = time.perf_counter()
-        if prog.sent is None:
-            prog.sent = now
+        request = (f"POST {self._prefix}/v1/completions HTTP/1.1\r\nhost: {self._hostport}\r\n"
+                   f"content-type: application/json\r\naccept: text/event-stream\r\n{self._auth}"
+                   f"x-request-id: {r.request_id}\r\ncontent-length: {len(body)}\r\n\r\n").encode() + body
+        if prog.sent is None:  # latencies start when the request is first ready to leave (connection set-up counts)
+            prog.sent = now = time.perf_counter()
             self.n_sent += 1
             lag = max(0.0, now - due)
             self._lag_sum += lag
             self._lag_n += 1
             self._lag_max = max(self._lag_max, lag)
-        head = (f"POST {self._prefix}/v1/completions HTTP/1.1\r\nhost: {self._hostport}\r\n"
-                f"content-type: application/json\r\naccept: text/event-stream\r\n{self._auth}"
-                f"x-request-id: {r.request_id}\r\ncontent-length: {len(body)}\r\n\r\n").encode()
         conn = None
         try:
             async with asyncio.timeout(self.timeout_s):
@@ -555,7 +562,7 @@ class VllmBackend:
                         conn, reused = await self._pool.get(fresh)
                     except (OSError, asyncio.TimeoutError) as exc:
                         return _Outcome(f"connect error: {type(exc).__name__}: {exc}", True)
-                    conn[1].write(head + body)
+                    conn[1].write(request)
                     status_line = await conn[0].readline()
                     if status_line or not reused:
                         break
@@ -577,7 +584,7 @@ class VllmBackend:
                     if data == b"[DONE]":
                         prog.done = True
                         continue
-                    t = time.perf_counter()
+                    t = conn[0].arrived
                     try:
                         obj = json.loads(data)
                     except ValueError:

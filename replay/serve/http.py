@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from email.utils import formatdate
 from typing import Awaitable, Callable
 
+from adaptwin.replay.netstamp import StampedReader
+
 __all__ = ["Request", "Responder", "HttpServer", "REASONS"]
 
 log = logging.getLogger("adaptwin.replay.serve.http")
@@ -36,6 +38,7 @@ class Request:
     query: str
     headers: dict[str, str]  # lower-case names
     body: bytes
+    received: float = 0.0  # time.perf_counter() when its last bytes reached the process
 
     def json(self):
         return json.loads(self.body) if self.body else None
@@ -131,8 +134,12 @@ class HttpServer:
         self._conns: set[asyncio.StreamWriter] = set()
 
     async def start(self, host: str, port: int) -> None:
-        self.server = await asyncio.start_server(self._serve, host, port, backlog=4096, reuse_address=True,
-                                                 limit=MAX_HEADER)
+        loop = asyncio.get_running_loop()
+
+        def protocol() -> asyncio.StreamReaderProtocol:  # asyncio.start_server's, with a stamping reader
+            return asyncio.StreamReaderProtocol(StampedReader(limit=MAX_HEADER, loop=loop), self._serve, loop=loop)
+
+        self.server = await loop.create_server(protocol, host, port, backlog=4096, reuse_address=True)
         self.port = self.server.sockets[0].getsockname()[1]
 
     async def close(self) -> None:
@@ -178,6 +185,7 @@ class HttpServer:
                         req.body = await reader.readexactly(n)
                     except asyncio.IncompleteReadError:
                         return
+                req.received = reader.arrived  # the whole request is in
                 resp = Responder(writer, keep_alive)
                 try:
                     await self.handler(req, resp)

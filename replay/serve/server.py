@@ -30,6 +30,7 @@ import uuid
 from collections import deque
 from dataclasses import dataclass, field
 
+from adaptwin.replay.aio import WallTimer, new_event_loop
 from adaptwin.replay.serve.config import FaultError, Faults, ServeConfig
 from adaptwin.replay.serve.http import HttpServer, Request, Responder
 from adaptwin.replay.serve.metrics import VllmMetrics
@@ -39,9 +40,6 @@ __all__ = ["TwinServer", "ServerThread"]
 log = logging.getLogger("adaptwin.replay.serve")
 
 STALL_MAX_S = 600.0  # a stalled request's connection is reset after this long (wall s)
-# The event loop's timers wake up to 1 ms late (epoll takes whole milliseconds, rounded up); aiming half a
-# millisecond early centres the emission error on zero instead of +0.5 ms (matters at speedup 10: 5 twin ms).
-WAKE_EARLY_S = 0.0005
 TOKEN_TEXT = " tok"
 
 
@@ -153,6 +151,7 @@ class TwinServer:
     # the twin in real time
     async def _drive(self) -> None:
         eng, speedup = self.engine, self.config.speedup
+        timer = WallTimer()
         try:
             while not self._closing:
                 if not self._live:
@@ -166,11 +165,14 @@ class TwinServer:
                 before = list(eng.running)
                 step_start = eng.time
                 eng.advance_until(max(now, eng.time + 1e-9))  # one step when on time, back to back when behind
-                delay = (eng.time - self.sim_now()) / speedup - WAKE_EARLY_S
-                if delay > 0:
-                    await asyncio.sleep(delay)
+                # The step's events are built before the wait, so that at its end only the writes are left.
+                sends, done = self._collect(before, step_start)
+                await timer.sleep_until(self._t0 + eng.time / speedup)
                 self.metrics.lag_s = self.sim_now() - eng.time  # < 0: tokens go out a little early
-                self._emit(before, step_start)
+                self._flush(sends)
+                await asyncio.sleep(0)  # let requests that came in meanwhile in before the bookkeeping
+                for lv in done:
+                    self._finish(lv)
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -179,9 +181,11 @@ class TwinServer:
                 lv.resp.reset()
             self._live.clear()
             raise
+        finally:
+            timer.close()
 
-    def _emit(self, before: list[int], step_start: float) -> None:
-        """Send the tokens the last step(s) produced and finish the requests that are done."""
+    def _collect(self, before: list[int], step_start: float) -> tuple[list[tuple[_Live, list[bytes]]], list[_Live]]:
+        """The tokens the last step(s) produced, as the events to send per request, and the requests now done."""
         from adaptwin.twin.engine import FINISHED, RUNNING
 
         eng, live = self.engine, self._live
@@ -192,6 +196,8 @@ class TwinServer:
             touched.update(live)  # something was admitted and finished within one advance: look at everyone
         self._finished_seen = eng.finished_count
         status, generated = eng.status, eng.generated
+        firsts: list[tuple[_Live, list[bytes]]] = []
+        sends: list[tuple[_Live, list[bytes]]] = []
         done: list[_Live] = []
         new_tokens = 0
         for rid in touched:
@@ -205,12 +211,21 @@ class TwinServer:
             g = generated[rid]
             if g > lv.sent:
                 new_tokens += g - lv.sent
-                self._send_tokens(lv, g)
+                (firsts if lv.sent == 0 else sends).append((lv, self._events(lv, g)))
             if st == FINISHED:
                 done.append(lv)
         self.metrics.generation_tokens += new_tokens
-        for lv in done:
-            self._finish(lv)
+        # A step's tokens all come out at its end. First tokens go first: a first token carries its request's
+        # whole TTFT, while a later one moves the mean ITL by 1/(tokens − 1) of the same delay.
+        return firsts + sends, done
+
+    @staticmethod
+    def _flush(sends: list[tuple[_Live, list[bytes]]]) -> None:
+        for lv, parts in sends:
+            if parts:
+                lv.resp.chunks(parts)
+            if lv.reset_after is not None and lv.sent >= lv.reset_after and lv.resp.alive:
+                lv.resp.reset()
 
     def _event(self, lv: _Live, i: int, last: bool) -> bytes:
         usage = "null"
@@ -221,19 +236,12 @@ class TwinServer:
                 f'"model":{json.dumps(lv.model)},"choices":[{{"index":0,"text":"{TOKEN_TEXT}","logprobs":null,'
                 f'"finish_reason":{fin},"stop_reason":null}}],"usage":{usage}}}\n\n').encode()
 
-    def _send_tokens(self, lv: _Live, g: int) -> None:
-        if not lv.stream:
-            lv.sent = g
-            return
-        stop = g
-        if lv.reset_after is not None:
-            stop = min(g, lv.reset_after)
-        parts = [self._event(lv, i, i == lv.max_tokens) for i in range(lv.sent + 1, stop + 1)]
+    def _events(self, lv: _Live, g: int) -> list[bytes]:
+        """The SSE events for tokens ``lv.sent + 1 … g`` (none past a mid-stream fault's cut), and mark them sent."""
+        stop = g if lv.reset_after is None else min(g, lv.reset_after)
+        parts = [self._event(lv, i, i == lv.max_tokens) for i in range(lv.sent + 1, stop + 1)] if lv.stream else []
         lv.sent = g
-        if parts:
-            lv.resp.chunks(parts)
-        if lv.reset_after is not None and g >= lv.reset_after and lv.resp.alive:
-            lv.resp.reset()
+        return parts
 
     def _finish(self, lv: _Live) -> None:
         eng, rid = self.engine, lv.rid
@@ -374,7 +382,8 @@ class TwinServer:
 
         rid_header = req.headers.get("x-request-id")
         request_id = f"cmpl-{rid_header}" if rid_header else f"cmpl-{uuid.uuid4().hex}"
-        t = max(self.sim_now(), self._last_arrival)
+        # Arrival is when the request reached the process, not when its body had been parsed and checked.
+        t = max(((req.received or time.perf_counter()) - self._t0) * self.config.speedup, self._last_arrival)
         self._last_arrival = t
         from adaptwin.twin.config import Arrivals
 
@@ -491,7 +500,7 @@ class ServerThread:
 
     def __init__(self, config: ServeConfig, profile=None):
         self.server = TwinServer(config, profile)
-        self._loop = asyncio.new_event_loop()
+        self._loop = new_event_loop()
         self._thread = threading.Thread(target=self._run, name="twin-serve", daemon=True)
         self._ready = threading.Event()
         self._error: BaseException | None = None

@@ -235,3 +235,52 @@ def test_cli_rejects_bad_flags():
                           "--port", "0"]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
     assert out.returncode != 0 and "max-cpu-loras" in out.stderr
+
+
+def test_a_steps_first_tokens_are_written_before_its_later_tokens():
+    """All of a step's tokens are due at its end; the first ones (each carries a whole TTFT) go out first."""
+    from adaptwin.replay.serve.server import TwinServer, _Live
+    from adaptwin.twin.config import Arrivals
+
+    server = TwinServer(cfg(max_loras=4))
+    eng = server.engine
+    arrivals = [(0.0, 0, 64, 30), (0.05, 1, 64, 30), (0.1, 2, 64, 30), (0.15, 3, 64, 30)]
+    for rid, (t, adapter, prompt, out) in enumerate(arrivals):
+        eng.add_arrivals(Arrivals([t], [adapter], [prompt], [out]))
+        server._live[rid] = _Live(rid, f"cmpl-{rid}", f"lora-{adapter}", prompt, out, True, False, False,
+                                  resp=None, created=0)
+    mixed = 0
+    while eng.time < 0.6:
+        before, step_start = list(eng.running), eng.time
+        eng.advance_until(eng.time + 1e-9)
+        sends, done = server._collect(before, step_start)
+        firsts = [lv.sent == len(parts) for lv, parts in sends]  # its events start at token 1
+        assert firsts == sorted(firsts, reverse=True), firsts  # no first token after a later one
+        mixed += any(firsts) and not all(firsts)
+        for lv in done:
+            del server._live[lv.rid]
+    assert mixed >= 2  # the case was exercised: steps with both kinds of tokens
+
+
+def test_arrival_is_when_the_request_reached_the_server():
+    """The twin's arrival lies between the client's send and the first byte of the answer (speedup 1)."""
+    import socket
+
+    with ServerThread(cfg(speedup=1.0)) as s:
+        body = json.dumps({"model": "lora-0", "prompt": "a b c", "max_tokens": 2, "stream": True}).encode()
+        head = (f"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\nx-request-id: "
+                f"arr\r\ncontent-length: {len(body)}\r\n\r\n").encode()
+        with socket.create_connection(("127.0.0.1", s.server.port)) as sock:
+            sock.sendall(head)
+            time.sleep(0.2)  # the body comes 200 ms after the head: the request is in only then
+            sent = time.perf_counter()
+            sock.sendall(body)
+            got = sock.recv(1)
+            answered = time.perf_counter()
+            while not got.endswith(b"0\r\n\r\n"):  # the whole stream, so that the twin has finished it
+                got += sock.recv(65536)
+        with httpx.Client(base_url=s.url, timeout=10) as c:
+            served = c.get("/adaptwin/served").json()
+    row = next(r for r in served["requests"] if r["id"] == "cmpl-arr")
+    arrival = served["start_perf_counter"] + row["arrival_s"]
+    assert sent <= arrival <= answered, (sent, arrival, answered)
