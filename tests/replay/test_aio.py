@@ -39,7 +39,7 @@ def test_wall_timer_uses_a_timerfd_and_never_wakes_before_its_aim(loop):
     timer.close()
     # a timerfd fires at or after its absolute deadline: the resumption is never before the aim
     assert all(lt >= -MAX_EARLY_S for lt in late)
-    assert sorted(late)[15] < 0.002  # the median wake-up is well under a millisecond-timer's granularity
+    assert sorted(late)[15] < 0.005  # and it comes: the median wake-up is a few ms late at worst
 
 
 def test_wall_timer_follows_its_measured_wake_up_delay(loop):

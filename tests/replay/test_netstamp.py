@@ -57,6 +57,7 @@ class _Peer:
 def test_kernel_stamp_is_when_the_bytes_reached_the_host_not_when_the_process_read_them():
     def talk(conn):
         conn.recv(16)
+        time.sleep(0.02)
         wrote = time.perf_counter()
         conn.sendall(b"token\n")
         conn.recv(16)  # wait for the client's "bye" before closing
@@ -67,8 +68,7 @@ def test_kernel_stamp_is_when_the_bytes_reached_the_host_not_when_the_process_re
     async def go():
         reader, writer = await open_stamped_connection("127.0.0.1", peer.port, limit=1 << 16)
         writer.write(b"hello")
-        await asyncio.sleep(0.005)
-        time.sleep(0.1)  # this process is busy: the token waits in the socket for 100 ms
+        time.sleep(0.12)  # the event loop is busy: the token, written 20 ms in, waits in the socket for 100 ms
         line = await reader.readline()
         read = time.perf_counter()
         writer.write(b"bye")
