@@ -5,10 +5,10 @@ other connections' work, and on a shared machine the OS scheduler, make that lat
 wall millisecond reads as 10 trace ms. Two levels:
 
 * :class:`StampedReader` notes ``time.perf_counter()`` when its protocol feeds it (the process received the bytes).
-  ``twin serve`` stamps its arrivals with it, and the ``vllm`` backend its tokens over https.
-* :func:`open_stamped_connection` (Linux, plain TCP) reads the socket itself with ``recvmsg`` and the kernel's
-  receive timestamp (``SO_TIMESTAMPNS``): the time the bytes reached this host, before this process was even
-  scheduled to read them. The ``vllm`` backend's plain-HTTP connections use it.
+  ``twin serve`` stamps its arrivals with it.
+* :func:`open_stamped_connection`, the ``vllm`` backend's connections: on plain TCP under Linux it reads the socket
+  itself with ``recvmsg`` and the kernel's receive timestamp (``SO_TIMESTAMPNS``), the time the bytes reached this
+  host, before this process was even scheduled to read them; over TLS a :class:`StampedReader` on asyncio streams.
 
 When newer bytes came in before the parse, the stamp is theirs: late, never early.
 """
@@ -113,13 +113,18 @@ class _KernelStampedSocket:
         self._loop.remove_reader(self._fd)
         self._loop.remove_writer(self._fd)
         self._sock.close()
-        if not self._reader.at_eof():
-            self._reader.feed_eof()
+        self._reader.feed_eof()
 
 
-async def open_stamped_connection(host: str, port: int, limit: int) -> tuple[StampedReader, _KernelStampedSocket]:
-    """Like ``asyncio.open_connection`` for plain TCP, with kernel receive stamps (Linux only)."""
+async def open_stamped_connection(host: str, port: int, *, limit: int, ssl=None) -> tuple[StampedReader, object]:
+    """``asyncio.open_connection`` whose reader keeps when bytes arrived: the kernel's receive time on plain TCP under
+    Linux (the writer is then a :class:`_KernelStampedSocket`), otherwise when the event loop received them."""
     loop = asyncio.get_running_loop()
+    if ssl is not None or not KERNEL_STAMPS:
+        reader = StampedReader(limit=limit, loop=loop)
+        protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
+        transport, _ = await loop.create_connection(lambda: protocol, host, port, ssl=ssl)
+        return reader, asyncio.StreamWriter(transport, protocol, reader, loop)
     error: OSError | None = None
     for family, kind, proto, _, addr in await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM):
         sock = socket.socket(family, kind, proto)

@@ -46,7 +46,7 @@ import httpx
 from adaptwin.replay.aio import new_event_loop
 from adaptwin.replay.backends.base import Completion, Gauges, ReplayRequest, ServingConfig
 from adaptwin.replay.backends.promtext import PromParseError, parse
-from adaptwin.replay.netstamp import KERNEL_STAMPS, StampedReader, open_stamped_connection
+from adaptwin.replay.netstamp import open_stamped_connection
 
 __all__ = ["VllmBackend", "VllmBackendError", "api_key_from_env", "gauges_from_metrics"]
 
@@ -159,14 +159,8 @@ class _Pool:
             if not conn[1].is_closing() and not conn[0].at_eof():
                 return conn, True
             conn[1].close()
-        async with asyncio.timeout(self.connect_timeout_s):
-            if self.ssl is None and KERNEL_STAMPS:  # tokens stamped with the kernel's receive time
-                return await open_stamped_connection(self.host, self.port, limit=1 << 20), False
-            loop = asyncio.get_running_loop()  # asyncio.open_connection, with a stamping reader
-            reader = StampedReader(limit=1 << 20, loop=loop)
-            protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
-            transport, _ = await loop.create_connection(lambda: protocol, self.host, self.port, ssl=self.ssl)
-            return (reader, asyncio.StreamWriter(transport, protocol, reader, loop)), False
+        async with asyncio.timeout(self.connect_timeout_s):  # tokens get the time their bytes reached this host
+            return await open_stamped_connection(self.host, self.port, limit=1 << 20, ssl=self.ssl), False
 
     def put(self, conn, headers: dict) -> None:
         if headers.get("connection", "").lower() == "close" or conn[1].is_closing():

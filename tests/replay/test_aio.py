@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import sys
 import time
 
@@ -22,13 +21,6 @@ def _lateness(loop, timer: WallTimer, n: int, gap_s: float) -> list[float]:
         return late
 
     return loop.run_until_complete(go())
-
-
-@pytest.fixture
-def loop():
-    lp = aio.new_event_loop()
-    yield lp
-    lp.close()
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="timerfd is Linux's")
@@ -65,13 +57,9 @@ def test_wall_timer_falls_back_to_asyncio_sleep(loop, monkeypatch):
     timer.close()
 
 
-def test_both_ends_run_on_uvloop():
+def test_both_ends_run_on_uvloop(loop):
     """uvloop is a dependency (as for vLLM's own API server): twin serve and the vllm backend use it."""
     import uvloop
 
     assert aio.LOOP_KIND == "uvloop"
-    lp = aio.new_event_loop()
-    try:
-        assert isinstance(lp, uvloop.Loop)
-    finally:
-        lp.close()
+    assert isinstance(loop, uvloop.Loop)

@@ -11,13 +11,13 @@ import time
 
 import pytest
 
-from adaptwin.replay.aio import new_event_loop
+from adaptwin.replay import netstamp
 from adaptwin.replay.netstamp import StampedReader, open_stamped_connection
 
 linux = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="SO_TIMESTAMPNS is Linux's")
 
 
-def test_stamped_reader_keeps_when_the_bytes_arrived():
+def test_stamped_reader_keeps_when_the_bytes_arrived(loop):
     async def go():
         reader = StampedReader()
         before = time.perf_counter()
@@ -27,11 +27,7 @@ def test_stamped_reader_keeps_when_the_bytes_arrived():
         head = await reader.readuntil(b"\r\n\r\n")
         return head, before, fed, reader.arrived
 
-    loop = new_event_loop()
-    try:
-        head, before, fed, arrived = loop.run_until_complete(go())
-    finally:
-        loop.close()
+    head, before, fed, arrived = loop.run_until_complete(go())
     assert head.startswith(b"POST")
     assert before <= arrived <= fed  # the feed's time, not the parse's 30 ms later
 
@@ -54,7 +50,7 @@ class _Peer:
 
 
 @linux
-def test_kernel_stamp_is_when_the_bytes_reached_the_host_not_when_the_process_read_them():
+def test_kernel_stamp_is_when_the_bytes_reached_the_host_not_when_the_process_read_them(loop):
     def talk(conn):
         conn.recv(16)
         time.sleep(0.02)
@@ -75,11 +71,7 @@ def test_kernel_stamp_is_when_the_bytes_reached_the_host_not_when_the_process_re
         writer.close()
         return line, reader.arrived, read
 
-    loop = new_event_loop()
-    try:
-        line, arrived, read = loop.run_until_complete(go())
-    finally:
-        loop.close()
+    line, arrived, read = loop.run_until_complete(go())
     peer.thread.join(5)
     assert line == b"token\n"
     wrote = peer.result
@@ -88,7 +80,7 @@ def test_kernel_stamp_is_when_the_bytes_reached_the_host_not_when_the_process_re
 
 
 @linux
-def test_stamped_connection_sends_large_writes_whole_and_sees_the_end():
+def test_stamped_connection_sends_large_writes_whole_and_sees_the_end(loop):
     payload = bytes(range(256)) * (16 * 1024)  # 4 MiB: more than the socket buffers, so part of it waits
 
     def talk(conn):
@@ -109,17 +101,13 @@ def test_stamped_connection_sends_large_writes_whole_and_sees_the_end():
         writer.close()
         return digest, writer.is_closing()
 
-    loop = new_event_loop()
-    try:
-        digest, closing = loop.run_until_complete(go())
-    finally:
-        loop.close()
+    digest, closing = loop.run_until_complete(go())
     assert digest == hashlib.sha256(payload).hexdigest().encode()
     assert closing and peer.result == len(payload)
 
 
 @linux
-def test_stamped_connection_refused_raises_oserror():
+def test_stamped_connection_refused_raises_oserror(loop):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]  # bound, not listening: refused
@@ -127,9 +115,28 @@ def test_stamped_connection_refused_raises_oserror():
     async def go():
         await open_stamped_connection("127.0.0.1", port, limit=1024)
 
-    loop = new_event_loop()
-    try:
-        with pytest.raises(OSError):
-            loop.run_until_complete(go())
-    finally:
-        loop.close()
+    with pytest.raises(OSError):
+        loop.run_until_complete(go())
+
+
+def test_without_kernel_stamps_the_connection_is_an_asyncio_stream(loop, monkeypatch):
+    """TLS, or not Linux: the same call gives an asyncio stream whose reader keeps when the loop received the bytes."""
+    monkeypatch.setattr(netstamp, "KERNEL_STAMPS", False)
+
+    def talk(conn):
+        conn.recv(16)
+        conn.sendall(b"token\n")
+
+    peer = _Peer(talk)
+
+    async def go():
+        reader, writer = await netstamp.open_stamped_connection("127.0.0.1", peer.port, limit=1 << 16)
+        writer.write(b"hello")
+        line = await reader.readline()
+        read = time.perf_counter()
+        writer.close()
+        return line, reader.arrived, read, writer
+
+    line, arrived, read, writer = loop.run_until_complete(go())
+    assert line == b"token\n" and 0 < arrived <= read
+    assert isinstance(writer, asyncio.StreamWriter)
