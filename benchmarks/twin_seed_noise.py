@@ -239,6 +239,8 @@ def run_stats(run: RealRun, sigma_fallback: float) -> dict:
         "twin_starved_seeds": k, "seed0_starved": int(run.draws[seeds[0]]["starved"]) if seeds else None,
         "flip_pairwise": (2.0 * k * (n - k) / (n * (n - 1))) if n >= 2 else 0.0,
         "agree_per_seed": float(np.mean(flags == run.starved)),
+        # the flag of the mean share over the seeds: a predictor with the twin's own arrival noise averaged out
+        "ensemble_starved": int(shares.mean() < THRESHOLD),
         "ceiling_normal": ceil_normal, "ceiling_shift": ceil_shift,
         # the real run is itself one draw: two independent draws around the real share agree with c^2 + (1-c)^2
         "ceiling_two_draw": ceil_normal ** 2 + (1 - ceil_normal) ** 2,
@@ -290,6 +292,8 @@ def model_report(runs: list[RealRun], band: float) -> dict:
         "agreement_seed0_pct": per_seed[0] if per_seed else None,
         "agreement_mean_over_seeds_pct": float(np.mean(per_seed)) if per_seed else None,
         "agreement_seed_range_pct": [min(per_seed), max(per_seed)] if per_seed else None,
+        "agreement_ensemble_pct": 100 * float(np.mean([st["ensemble_starved"] == st["real_starved"] for st in stats])),
+        "ensemble_disagreements": [st["key"] for st in stats if st["ensemble_starved"] != st["real_starved"]],
         "disagreements_seed0": len(disagree0),
         "measured_lowo_pct": measured_lowo_pct(runs[0].model),
         "share_std_median": float(np.median(sig)) if sig else None,
@@ -326,13 +330,15 @@ def print_report(reports: dict) -> None:
         print(f"{m:22s} {r['runs']:5d} {r['runs_multi_seed']:6d} {r['seeds']:3d} {r['flip_rate_pct']:7.2f} "
               f"{r['ceiling_normal_pct']:9.2f} {r['ceiling_shift_pct']:9.2f} {r['ceiling_two_draw_pct']:9.2f} "
               f"{r['agreement_seed0_pct']:10.2f} "
-              f"{r['agreement_mean_over_seeds_pct']:11.2f} {r['measured_lowo_pct'] or 0:7.1f} {sd:>8s} {cv:>12s}")
+              f"{r['agreement_mean_over_seeds_pct']:11.2f} {r['agreement_ensemble_pct']:11.2f} "
+              f"{r['measured_lowo_pct'] or 0:7.1f} {sd:>8s} {cv:>12s}")
     for m, r in reports.items():
         if not r:
             continue
         print(f"\n{m}: runs whose twin flips between seeds: {r['runs_with_any_flip']}; expected noise-only "
               f"disagreements {r['expected_noise_disagreements']:.2f}; seed-0 disagreements {r['disagreements_seed0']}"
               f"; seed agreement range {r['agreement_seed_range_pct']}")
+        print(f"  ensemble (flag of the mean share over the seeds) disagrees on: {r['ensemble_disagreements']}")
         print(f"  99 % allows {r['max_disagreements_for_99']} disagreement(s) of {r['runs']}: an unbiased twin drawing "
               f"its own arrivals meets it with probability {r['p_unbiased_meets_99_pct']:.1f} %")
         print(f"  offered-token CV between seeds, by rates (min / median / max %): {r['offered_cv_by_rates_pct']}")
