@@ -1,0 +1,62 @@
+"""CPU checks of profiler/gpu_lora_kernels.py: its Triton kernels (run by Triton's interpreter) compute the LoRA
+product, and a quick run writes the CSV and JSON the GPU run will write."""
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("triton")
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = ROOT / "profiler" / "gpu_lora_kernels.py"
+
+
+@pytest.fixture(scope="module")
+def lk():
+    """The module, imported without launching a kernel (no interpreter needed for its plain-torch helpers)."""
+    spec = importlib.util.spec_from_file_location("gpu_lora_kernels_under_test", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_quick_cpu_run_checks_the_kernels_and_writes_its_outputs(tmp_path):
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--out", str(tmp_path), "--device", "cpu", "--quick",
+                           "--check"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    doc = json.loads((tmp_path / "lora_kernels.json").read_text())
+    assert doc["meta"]["interpreter"] is True
+    assert doc["meta"]["check_max_rel_error"] < 1e-4  # the kernels against gathered matmuls, fp32
+    with open(tmp_path / "lora_kernels.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 12 and doc["meta"]["points"] == "12/12"
+    assert {r["max_lora_rank"] for r in rows} == {"8", "16", "32"} and all(float(r["ms"]) > 0 for r in rows)
+    fits = doc["fits"]["tiny"]
+    assert set(fits) == {"8", "16", "32"} and fits["16"]["adapter_cost_vs_rank16"] == pytest.approx(1.0)
+
+
+def test_batch_sorts_tokens_into_adapter_slots(lk):
+    b = lk.Batch.make(10, 3, 5, "cpu")
+    assert sorted(b.tokens.tolist()) == list(range(10))
+    assert b.slots.tolist() == [0, 1, 2, -1, -1, -1]  # max_loras + 1 slots, the empty ones -1
+    assert b.counts.tolist() == [4, 3, 3, 0, 0, 0] and b.starts.tolist()[:3] == [0, 4, 7]
+    slot = lk.token_slots(b, 10)
+    assert [int(slot[t]) for t in b.tokens[:4].tolist()] == [0] * 4
+
+
+def test_fit_recovers_known_costs(lk):
+    rows = [dict(model="m", max_lora_rank=r, tokens=t, distinct=d,
+                 ms=(1.0 + 0.01 * t + (0.2 if r <= 16 else 0.34) * d))
+            for r in (16, 32) for t in (16, 128, 512) for d in (1, 8, 32)]
+    f = lk.fit(rows)["m"]
+    assert f["16"]["ms_per_adapter"] == pytest.approx(0.2, rel=1e-6)
+    assert f["32"]["adapter_cost_vs_rank16"] == pytest.approx(1.7, rel=1e-6)
+    assert f["32"]["ms_per_token"] == pytest.approx(0.01, rel=1e-6)
