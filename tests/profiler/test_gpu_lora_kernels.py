@@ -3,7 +3,6 @@ product, and a quick run writes the CSV and JSON the GPU run will write."""
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import subprocess
 import sys
@@ -19,13 +18,9 @@ SCRIPT = ROOT / "profiler" / "gpu_lora_kernels.py"
 
 
 @pytest.fixture(scope="module")
-def lk():
+def lk(load_script):
     """The module, imported without launching a kernel (no interpreter needed for its plain-torch helpers)."""
-    spec = importlib.util.spec_from_file_location("gpu_lora_kernels_under_test", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script(SCRIPT)
 
 
 def test_quick_cpu_run_checks_the_kernels_and_writes_its_outputs(tmp_path):

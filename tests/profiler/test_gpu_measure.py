@@ -4,7 +4,6 @@ docs/gpu-profile.md for how to run it)."""
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import math
 import sys
@@ -20,12 +19,8 @@ MEASURED = ROOT / "profiler" / "measured"
 
 
 @pytest.fixture(scope="module")
-def gm():
-    spec = importlib.util.spec_from_file_location("gpu_measure_under_test", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
+def gm(load_script):
+    return load_script(SCRIPT)
 
 
 @pytest.fixture(scope="module")
