@@ -18,8 +18,8 @@ script needs only the standard library, torch and triton, as the lent GPU machin
 For each model, max_lora_rank, max_loras, distinct adapters A and tokens M it times one engine step's LoRA work (every
 layer: q/k/v, o, gate/up, down; shrink + expand) as a CUDA graph (vLLM V1 replays graphs for decode batches), median of
 repeats, and writes ``lora_kernels.csv`` (rows as they are measured, so a timeout still leaves data) and
-``lora_kernels.json`` (per model and rank: ms = c0 + c_tok·M + c_adapter·A, least squares, and each rank's per-adapter
-cost relative to rank 16).
+``lora_kernels.json`` (per model and rank: ms = c0 + c_tok·M + c_adapter·A + c_slot·(max_loras + 1), least squares,
+and each rank's per-adapter cost relative to rank 16).
 
     python profiler/gpu_lora_kernels.py --out DIR [--device cuda|cpu] [--quick] [--budget-s 240]
 
@@ -275,8 +275,8 @@ def time_ms(run: Callable[[], None], device: str, repeats: int, graphs: bool) ->
 
 
 def fit(rows: list[dict]) -> dict:
-    """Per model and rank: ms = c0 + c_tok·M + c_adapter·A (least squares over that rank's rows); per-adapter cost
-    relative to rank 16."""
+    """Per model and rank: ms = c0 + c_tok·M + c_adapter·A + c_slot·(max_loras + 1) (least squares over that rank's
+    rows; minimum-norm where a column does not vary); per-adapter cost relative to rank 16."""
     out: dict = {}
     for model in sorted({r["model"] for r in rows}):
         per_rank = {}
@@ -284,11 +284,12 @@ def fit(rows: list[dict]) -> dict:
             rs = [r for r in rows if r["model"] == model and r["max_lora_rank"] == rank]
             if len(rs) < 3:
                 continue
-            x = torch.tensor([[1.0, r["tokens"], r["distinct"]] for r in rs], dtype=torch.float64)
+            x = torch.tensor([[1.0, r["tokens"], r["distinct"], r["max_loras"] + 1] for r in rs], dtype=torch.float64)
             y = torch.tensor([r["ms"] for r in rs], dtype=torch.float64)
             c = torch.linalg.lstsq(x, y[:, None]).solution[:, 0].tolist()
             rmse = float(((x @ torch.tensor(c, dtype=torch.float64) - y) ** 2).mean().sqrt())
-            per_rank[str(rank)] = {"c0_ms": c[0], "ms_per_token": c[1], "ms_per_adapter": c[2], "rmse_ms": rmse,
+            per_rank[str(rank)] = {"c0_ms": c[0], "ms_per_token": c[1], "ms_per_adapter": c[2], "ms_per_slot": c[3],
+                                   "rmse_ms": rmse,
                                    "points": len(rs)}
         ref = per_rank.get("16")
         for v in per_rank.values():
@@ -337,7 +338,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "gpu": torch.cuda.get_device_name(0) if args.device == "cuda" else None,
             "interpreter": os.environ.get("TRITON_INTERPRET") == "1", "dtype": str(dtype).replace("torch.", ""),
             "started_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())}
-    points = [(sh, r, ml, d, m) for sh in shapes_list for r in ranks for ml in mls for d in ds for m in ms
+    # ranks innermost: a run cut short by its budget still compares the ranks at every point it reached
+    points = [(sh, r, ml, d, m) for sh in shapes_list for ml in mls for d in ds for m in ms for r in ranks
               if d <= ml and d <= m]
     fields = ["model", "max_lora_rank", "max_loras", "distinct", "tokens", "ms", "mode"]
     rows: list[dict] = []

@@ -48,10 +48,11 @@ def test_batch_sorts_tokens_into_adapter_slots(lk):
 
 
 def test_fit_recovers_known_costs(lk):
-    rows = [dict(model="m", max_lora_rank=r, tokens=t, distinct=d,
-                 ms=(1.0 + 0.01 * t + (0.2 if r <= 16 else 0.34) * d))
-            for r in (16, 32) for t in (16, 128, 512) for d in (1, 8, 32)]
+    rows = [dict(model="m", max_lora_rank=r, tokens=t, distinct=d, max_loras=ml,
+                 ms=(1.0 + 0.01 * t + (0.2 if r <= 16 else 0.34) * d + 0.003 * (ml + 1)))
+            for r in (16, 32) for t in (16, 128, 512) for d in (1, 8) for ml in (8, 64)]
     f = lk.fit(rows)["m"]
     assert f["16"]["ms_per_adapter"] == pytest.approx(0.2, rel=1e-6)
     assert f["32"]["adapter_cost_vs_rank16"] == pytest.approx(1.7, rel=1e-6)
     assert f["32"]["ms_per_token"] == pytest.approx(0.01, rel=1e-6)
+    assert f["32"]["ms_per_slot"] == pytest.approx(0.003, rel=1e-6)
