@@ -218,7 +218,7 @@ def check(device: str, dtype: torch.dtype) -> float:
                 x = torch.randn(m, k, dtype=dtype, device=device)
                 y = torch.zeros(m, sum(outs), dtype=dtype, device=device)
                 t = torch.zeros(len(outs), m, rank, dtype=torch.float32, device=device)
-                proj.apply(x, y, t, batch, split_k=2)
+                proj.apply(x, y, t, batch, split_k=2 if device == "cpu" else None)  # the interpreter is slow
                 ref = reference(x, proj, batch, slot)
                 worst = max(worst, float((y.float() - ref).abs().max() / ref.abs().max()))
     return worst
