@@ -23,8 +23,8 @@ and each rank's per-adapter cost relative to rank 16).
 
     python profiler/gpu_lora_kernels.py --out DIR [--device cuda|cpu] [--quick] [--budget-s 240]
 
-``--quick --device cpu`` runs tiny shapes through Triton's interpreter (seconds; what the tests run). It must be set
-before triton is imported, so the script sets ``TRITON_INTERPRET=1`` itself for ``--device cpu``.
+``--quick --device cpu`` runs tiny shapes through Triton's interpreter (seconds; what the tests run): the script sets
+``TRITON_INTERPRET=1`` itself, before its kernels are defined, for ``--device cpu`` or when there is no GPU.
 """
 from __future__ import annotations
 
@@ -39,10 +39,13 @@ import time
 from pathlib import Path
 from typing import Callable, Sequence
 
-if "--device" in sys.argv and sys.argv[sys.argv.index("--device") + 1:][:1] == ["cpu"]:
+import torch
+
+# Triton reads this when a kernel is defined: a CPU run (asked for, or no GPU) goes through its interpreter
+_asked = sys.argv[sys.argv.index("--device") + 1:][:1] if "--device" in sys.argv else []
+if _asked == ["cpu"] or (not _asked and not torch.cuda.is_available()):
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import torch  # noqa: E402
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
