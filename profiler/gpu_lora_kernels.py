@@ -10,7 +10,8 @@ cannot fit that from the runs alone. vLLM's LoRA kernels are Triton kernels whos
   atomically (``SPLIT_K`` 64 and ``BLOCK_K`` 256 below 128 tokens, else 8 and 32);
 * expand (t·Bᵀ, rank → output): ``⌈M/BLOCK_M⌉·⌈N/128⌉`` programs per slice and slot, a loop over the rank in steps of 16.
 
-So ranks 8 and 16 launch the same work and 32 twice as much per adapter; how much of the step that is depends on what
+So ranks 8 and 16 launch the same work; at 32 the shrink launches twice the programs per adapter and each expand
+program walks twice the rank steps (at most twice the per-adapter work); how much of the step that is depends on what
 else a program costs. torch's batched GEMMs (profiler/gpu_measure.py) have no such tiling. The kernels here are written
 from that geometry (tokens sorted by adapter, the padded per-slot weight stacks vLLM keeps), not copied from vLLM; the
 script needs only the standard library, torch and triton, as the lent GPU machine has no vLLM.
