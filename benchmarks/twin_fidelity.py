@@ -47,6 +47,8 @@ MODELS = {"llama": "llama-3.1-8b-instruct", "qwen": "qwen-2.5-7b-instruct"}
 POOL_PROMPT = {"llama-3.1-8b-instruct": 221.05, "qwen-2.5-7b-instruct": 219.60}
 POOL_TOTAL = {"llama-3.1-8b-instruct": 419.97, "qwen-2.5-7b-instruct": 422.47}
 RANK_SLOPES = [round(0.05 * i, 2) for i in range(0, 21)]
+ADAPTER_RANK_SCALES = [round(0.05 * i, 2) for i in range(0, 41)]
+RANK_FORM = "log2"  # --rank-form: how max_lora_rank scales the LoRA terms (fit_lora_terms)
 
 
 def decode_context(model: str) -> float:
@@ -121,34 +123,63 @@ def design(runs: list[dict], prof) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return np.array(xs), np.array(ys), np.array(lr)
 
 
+def served_runs(runs: list[dict]) -> np.ndarray:
+    """Runs that completed >= 97 % of their offered tokens: no queue, so their τ is step time, not queue dynamics."""
+    return np.array([float(r["total_throughput"]) >= 0.97 * float(r["ideal_total_throughput"]) for r in runs])
+
+
 def fit_terms(runs: list[dict], prof) -> dict:
     """Least squares on the real runs' gauges (open loop): see :func:`fit_lora_terms`."""
     x, y, lr = design(runs, prof)
-    return fit_lora_terms(x, y, lr, np.array([float(r["mean_itl_ms"]) for r in runs]))
+    return fit_lora_terms(x, y, lr, np.array([float(r["mean_itl_ms"]) for r in runs]), served_runs(runs))
 
 
-def fit_lora_terms(x: np.ndarray, y: np.ndarray, lr: np.ndarray, scale: np.ndarray) -> dict:
-    """The LoRA terms ``c >= 0`` and rank slope (on the grid) minimizing Σ ((x·(1 + slope·lr))·c − y)² / scale²:
-    relative errors, so that light runs (15 ms) count as much as heavy ones (300 ms)."""
-    best = None
+def _nonneg_lsq(xf: np.ndarray, y: np.ndarray, wts: np.ndarray) -> tuple[np.ndarray, float]:
+    """Weighted least squares with ``c >= 0`` (drop the most negative term until none is): terms, weighted SSE."""
+    active = list(range(xf.shape[1]))
+    while True:
+        coef, *_ = np.linalg.lstsq(xf[:, active] * wts[:, None], y * wts, rcond=None)
+        if (coef >= 0).all():
+            break
+        active.pop(int(np.argmin(coef)))
+    full = np.zeros(xf.shape[1])
+    full[active] = coef
+    return full, float(np.sum(((xf @ full - y) * wts) ** 2))
+
+
+def _terms(c: np.ndarray, slope: float, adapter_rank: float | None = None) -> dict:
+    terms = {"lora_base_ms": float(c[0]), "lora_ms_per_seq": float(c[1]), "lora_ms_per_prefill_token": float(c[2]),
+             "lora_ms_per_adapter": float(c[3]), "lora_ms_per_adapter_ktoken": float(c[4]),
+             "lora_rank_slope": float(slope)}
+    return terms if adapter_rank is None else {**terms, "lora_adapter_rank_scale": float(adapter_rank)}
+
+
+def fit_lora_terms(x: np.ndarray, y: np.ndarray, lr: np.ndarray, scale: np.ndarray,
+                   served: np.ndarray | None = None) -> dict:
+    """The LoRA terms ``c >= 0`` and how max_lora_rank scales them, minimizing Σ (x'·c − y)² / scale² (relative
+    errors, so that light runs (15 ms) count as much as heavy ones (300 ms)).
+
+    ``RANK_FORM`` "log2": x' = x·(1 + slope·lr), the slope on a grid. "adapter-blocks": only the per-adapter column
+    scales, by 1 + s per 16-wide rank block beyond the first (vLLM's kernels tile the rank by 16); s is the grid value
+    that fits the ``served`` runs best (their τ is step time, free of queue dynamics), then the terms are fitted on
+    all runs with s fixed."""
     wts = 1.0 / scale
+    if RANK_FORM == "adapter-blocks":
+        blocks = np.maximum(0.0, np.ceil(8 * 2.0 ** lr / 16) - 1)
+        sel = served if served is not None and served.sum() >= 6 else np.ones(len(y), bool)
+
+        def scaled(s: float) -> np.ndarray:
+            xs = x.copy()
+            xs[:, 3] *= 1 + s * blocks
+            return xs
+        s_best = min(ADAPTER_RANK_SCALES, key=lambda s: _nonneg_lsq(scaled(s)[sel], y[sel], wts[sel])[1])
+        return _terms(_nonneg_lsq(scaled(s_best), y, wts)[0], 0.0, s_best)
+    best = None
     for slope in RANK_SLOPES:
-        xf = x * (1 + slope * lr)[:, None]
-        active = list(range(x.shape[1]))
-        while True:
-            coef, *_ = np.linalg.lstsq(xf[:, active] * wts[:, None], y * wts, rcond=None)
-            if (coef >= 0).all():
-                break
-            active.pop(int(np.argmin(coef)))
-        full = np.zeros(x.shape[1])
-        full[active] = coef
-        err = float(np.sum(((xf @ full - y) * wts) ** 2))
+        c, err = _nonneg_lsq(x * (1 + slope * lr)[:, None], y, wts)
         if best is None or err < best[0]:
-            best = (err, slope, full)
-    _, slope, c = best
-    return {"lora_base_ms": float(c[0]), "lora_ms_per_seq": float(c[1]), "lora_ms_per_prefill_token": float(c[2]),
-            "lora_ms_per_adapter": float(c[3]), "lora_ms_per_adapter_ktoken": float(c[4]),
-            "lora_rank_slope": float(slope)}
+            best = (err, slope, c)
+    return _terms(best[2], best[1])
 
 
 def simulated_engine(r: dict, prof, seed: int, engine_cls):
@@ -211,8 +242,8 @@ def fit_closed_loop(runs: list[dict], traj: list[dict], prev: dict, damping: flo
     tau = np.array([r["_tau_ms"] for r in runs])
     y = tau - np.array([t["known"] for t in traj])
     lr = np.array([math.log2(max(int(r["max_lora_rank"]), 8) / 8) for r in runs])
-    fit = fit_lora_terms(x, y, lr, tau)
-    return {k: damping * v + (1 - damping) * prev[k] for k, v in fit.items()}
+    fit = fit_lora_terms(x, y, lr, tau, served_runs(runs))
+    return {k: damping * v + (1 - damping) * prev.get(k, 0.0) for k, v in fit.items()}
 
 
 def fit_early_stop(runs: list[dict]) -> float:
@@ -316,14 +347,17 @@ def main(argv=None) -> int:
                          "open-loop gauge fit)")
     ap.add_argument("--damping", type=float, default=0.5,
                     help="closed-loop step: new terms = d x the trajectory fit + (1 - d) x the terms simulated")
+    ap.add_argument("--rank-form", choices=("log2", "adapter-blocks"), default="log2",
+                    help="how max_lora_rank scales the LoRA terms: all of them by a log2 slope, or the per-adapter "
+                         "term per 16-wide rank block (its scale fitted on the served runs)")
     ap.add_argument("--light-seeds", default=None,
                     help="N:S1,S2,..: runs with at most N expected requests average these seeds (Poisson noise)")
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     seeds = [int(s) for s in args.seeds.split(",")]
-    global LIGHT, TARGET
-    TARGET = args.target
+    global LIGHT, TARGET, RANK_FORM
+    TARGET, RANK_FORM = args.target, args.rank_form
     if args.light_seeds:
         n, ss = args.light_seeds.split(":")
         LIGHT = (float(n), [int(x) for x in ss.split(",")])

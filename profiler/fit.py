@@ -301,6 +301,9 @@ def fit_profile(calibration: str | Path, model: str, gpu: str = "h100-64gb", *,
         "scheduler": "scheduler fit", "loading_ms": "loading table", "kv_capacity": "kv table + linear fit",
         "client_max_waiting": client_src, "max_model_len": "model config (Llama-3.1: 128k, Qwen-2.5: 32k)",
     }
+    if "lora_adapter_rank_scale" in real:  # twin_fidelity --rank-form adapter-blocks
+        step["lora_adapter_rank_scale"] = float(real.pop("lora_adapter_rank_scale"))
+        sources["lora_adapter_rank_scale"] = "real runs (--real-params): fitted on their served runs"
     if real_params:
         sources["real_params"] = {k: v for k, v in real_params.items()}
     return {

@@ -94,7 +94,8 @@ class Engine:
         self._c_kv = st.kv_read_ms_per_ktoken * 1e-3  # ms per context token a decoder attends to
         self._c_knee, self._knee = st.decode_ms_per_seq_above_knee, st.decode_knee_seqs
         self._l_base, self._l_dec = lscale * st.lora_base_ms, lscale * st.lora_ms_per_seq
-        self._l_pre, self._l_ad = lscale * st.lora_ms_per_prefill_token, lscale * st.lora_ms_per_adapter
+        self._l_pre = lscale * st.lora_ms_per_prefill_token
+        self._l_ad = lscale * st.adapter_rank_factor(config.max_lora_rank) * st.lora_ms_per_adapter
         self._l_adk = lscale * st.lora_ms_per_adapter_ktoken * 1e-3
         # adapter family: LoRA terms x a measured multiplier per distinct-adapter count (all 1.0 for lora: exact)
         self._fam = prof.family_multipliers(config.adapter_family, config.max_lora_rank, config.max_loras)

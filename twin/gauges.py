@@ -62,7 +62,8 @@ def known_ms(prof: Profile, f: dict[str, float]) -> float:
 def lora_ms(prof: Profile, f: dict[str, float], max_lora_rank: int) -> float:
     """The LoRA part of the step time (mean ``f``) for a server started with ``max_lora_rank`` (lora family)."""
     st = prof.step
-    c = (st.lora_base_ms, st.lora_ms_per_seq, st.lora_ms_per_prefill_token, st.lora_ms_per_adapter,
+    c = (st.lora_base_ms, st.lora_ms_per_seq, st.lora_ms_per_prefill_token,
+         st.lora_ms_per_adapter * st.adapter_rank_factor(max_lora_rank),
          st.lora_ms_per_adapter_ktoken)
     return st.rank_factor(max_lora_rank) * sum(ci * f[k] for ci, k in zip(c, LORA_FEATURES))
 

@@ -43,6 +43,8 @@ OPTIONAL_STEP_FIELDS = {
     "kv_read_ms_per_ktoken": "each 1000 context tokens the step's decoding requests attend to (KV-cache reads)",
     "decode_knee_seqs": "decoding requests up to which the per-sequence cost is decode_ms_per_seq alone",
     "decode_ms_per_seq_above_knee": "extra per decoding request beyond decode_knee_seqs (compute-bound batch)",
+    "lora_adapter_rank_scale": "relative increase of lora_ms_per_adapter per 16-wide block of max_lora_rank beyond the "
+                               "first (vLLM's LoRA kernels tile the rank by 16)",
 }
 SCHED_FIELDS = {
     "base_ms": "every step",
@@ -173,6 +175,8 @@ class StepTimeModel:
     # to the knee than above it (est_default_latency.csv: a straight line is 1 ms high mid-range; profiler/fit.py)
     decode_knee_seqs: float = 0.0
     decode_ms_per_seq_above_knee: float = 0.0
+    # vLLM's LoRA kernels tile the rank in blocks of 16: per adapter, rank 32 launches more work than 8 or 16
+    lora_adapter_rank_scale: float = 0.0
 
     def decode_ms(self, n_decode: float) -> float:
         """The non-LoRA decode part of a step with ``n_decode`` decoding requests: base, per sequence, knee."""
@@ -182,6 +186,10 @@ class StepTimeModel:
     def rank_factor(self, max_lora_rank: int) -> float:
         """Scale of the LoRA terms for a server started with ``--max-lora-rank``."""
         return max(0.0, 1.0 + self.lora_rank_slope * math.log2(max(max_lora_rank, 8) / 8.0))
+
+    def adapter_rank_factor(self, max_lora_rank: int) -> float:
+        """Extra scale of the per-adapter term: 1 up to rank 16, + lora_adapter_rank_scale per further 16."""
+        return 1.0 + self.lora_adapter_rank_scale * max(0, -(-max_lora_rank // 16) - 1)
 
     def step_ms(self, n_decode: int, n_prefill: int, n_adapters: int, rank_factor: float = 1.0,
                 context_tokens: int = 0) -> float:

@@ -79,3 +79,25 @@ def test_features_follow_the_profile():
     assert itl > fast.summary()["mean_itl_ms"]
     assert eng.itl_gap_s / eng.itl.weight * 1e3 == pytest.approx(itl, abs=1e-4)
     assert _step_ms(slow, eng.itl.mean(), cfg) == pytest.approx(itl, rel=1e-3)
+
+
+def test_adapter_rank_scale_prices_rank_blocks_and_the_features_follow():
+    """``lora_adapter_rank_scale`` scales the per-adapter term per 16-wide rank block beyond the first (vLLM's LoRA
+    kernels tile the rank by 16): ranks 8 and 16 cost the same, 32 one block more; τ is still rebuilt exactly."""
+    prof = load_profile(LLAMA)
+    st = dataclasses.replace(prof.step, lora_adapter_rank_scale=0.5)
+    assert [st.adapter_rank_factor(r) for r in (8, 16, 32, 64)] == [1.0, 1.0, 1.5, 2.5]
+    scaled = dataclasses.replace(prof, step=st)
+    arr = make_arrivals(400, 8, rate=20.0, seed=2, max_prompt=600, max_out=150)
+    dur = float(arr.time[-1]) + 600.0
+    itl = {}
+    for rank in (16, 32):
+        cfg = ServerConfig(model=LLAMA, served=8, max_loras=4, adapter_ranks=(8, 16) * 4, max_lora_rank=rank)
+        gauged, res = _run(GaugeEngine, cfg, arr, dur, scaled)
+        _, base = _run(GaugeEngine, cfg, arr, dur, prof)
+        itl[rank] = res.summary()["mean_itl_ms"] / base.summary()["mean_itl_ms"]
+        decode_tokens = float((res.req["output"][res.finished_mask] - 1).sum())
+        running_ms = sum(w.running_s for w in gauged.windows) * 1e3
+        assert _step_ms(scaled, gauged.tau.mean(per=decode_tokens), cfg) == pytest.approx(running_ms / decode_tokens,
+                                                                                          rel=1e-6)
+    assert itl[16] == pytest.approx(1.0, abs=1e-9) and itl[32] > 1.01
