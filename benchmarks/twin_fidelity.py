@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from adaptwin.twin.profile import load_profile
+from adaptwin.twin.profile import load_profile, rank_blocks
 
 SCENARIOS = Path(os.environ.get("ADAPTWIN_SHARED", "/work/shared")) / "data" / "validation"
 MODELS = {"llama": "llama-3.1-8b-instruct", "qwen": "qwen-2.5-7b-instruct"}
@@ -165,7 +165,7 @@ def fit_lora_terms(x: np.ndarray, y: np.ndarray, lr: np.ndarray, scale: np.ndarr
     all runs with s fixed."""
     wts = 1.0 / scale
     if RANK_FORM == "adapter-blocks":
-        blocks = np.maximum(0.0, np.ceil(8 * 2.0 ** lr / 16) - 1)
+        blocks = np.array([rank_blocks(round(8 * 2.0 ** v)) for v in lr], float)  # lr = log2(max_lora_rank / 8)
         sel = served if served is not None and served.sum() >= 6 else np.ones(len(y), bool)
 
         def scaled(s: float) -> np.ndarray:
@@ -243,7 +243,7 @@ def fit_closed_loop(runs: list[dict], traj: list[dict], prev: dict, damping: flo
     y = tau - np.array([t["known"] for t in traj])
     lr = np.array([math.log2(max(int(r["max_lora_rank"]), 8) / 8) for r in runs])
     fit = fit_lora_terms(x, y, lr, tau, served_runs(runs))
-    return {k: damping * v + (1 - damping) * prev.get(k, 0.0) for k, v in fit.items()}
+    return {k: damping * v + (1 - damping) * prev[k] for k, v in fit.items()}
 
 
 def fit_early_stop(runs: list[dict]) -> float:

@@ -148,14 +148,19 @@ def _num(obj: Mapping[str, Any], key: str, where: str, *, allow_negative: bool =
     return float(value)
 
 
+def rank_blocks(max_lora_rank: int) -> int:
+    """16-wide blocks of ``max_lora_rank`` beyond the first: 0 up to rank 16, 1 at 32, 3 at 64."""
+    return max(0, -(-max_lora_rank // 16) - 1)
+
+
 @dataclass(frozen=True)
 class StepTimeModel:
     """Latency of one engine step (ms) as a sum of per-operation terms (Vidur-style).
 
     ``step_ms = base + decode·n_decode + decode_above_knee·max(0, n_decode − decode_knee) + prefill·n_prefill
     + kv_read·context_tokens/1000
-    + [LoRA in batch]·rank_factor·(lora_base + lora_seq·n_decode + lora_prefill·n_prefill + lora_adapter·A
-    + lora_adapter_ktoken·A·(n_decode + n_prefill)/1000)``
+    + [LoRA in batch]·rank_factor·(lora_base + lora_seq·n_decode + lora_prefill·n_prefill
+    + lora_adapter·adapter_rank_factor·A + lora_adapter_ktoken·A·(n_decode + n_prefill)/1000)``
     plus adapter loads and scheduler overhead, which the engine adds (they depend on its state).
     """
 
@@ -189,15 +194,16 @@ class StepTimeModel:
 
     def adapter_rank_factor(self, max_lora_rank: int) -> float:
         """Extra scale of the per-adapter term: 1 up to rank 16, + lora_adapter_rank_scale per further 16."""
-        return 1.0 + self.lora_adapter_rank_scale * max(0, -(-max_lora_rank // 16) - 1)
+        return 1.0 + self.lora_adapter_rank_scale * rank_blocks(max_lora_rank)
 
     def step_ms(self, n_decode: int, n_prefill: int, n_adapters: int, rank_factor: float = 1.0,
-                context_tokens: int = 0) -> float:
+                context_tokens: int = 0, adapter_rank_factor: float = 1.0) -> float:
         ms = (self.decode_ms(n_decode) + self.prefill_ms_per_token * n_prefill
               + self.kv_read_ms_per_ktoken * context_tokens * 1e-3)
         if n_adapters > 0:
             ms += rank_factor * (self.lora_base_ms + self.lora_ms_per_seq * n_decode
-                                 + self.lora_ms_per_prefill_token * n_prefill + self.lora_ms_per_adapter * n_adapters
+                                 + self.lora_ms_per_prefill_token * n_prefill
+                                 + self.lora_ms_per_adapter * adapter_rank_factor * n_adapters
                                  + self.lora_ms_per_adapter_ktoken * n_adapters * (n_decode + n_prefill) * 1e-3)
         return ms
 

@@ -87,6 +87,8 @@ def test_adapter_rank_scale_prices_rank_blocks_and_the_features_follow():
     prof = load_profile(LLAMA)
     st = dataclasses.replace(prof.step, lora_adapter_rank_scale=0.5)
     assert [st.adapter_rank_factor(r) for r in (8, 16, 32, 64)] == [1.0, 1.0, 1.5, 2.5]
+    extra = st.step_ms(10, 0, 2, adapter_rank_factor=st.adapter_rank_factor(32)) - st.step_ms(10, 0, 2)
+    assert extra == pytest.approx(2 * 0.5 * st.lora_ms_per_adapter)
     scaled = dataclasses.replace(prof, step=st)
     arr = make_arrivals(400, 8, rate=20.0, seed=2, max_prompt=600, max_out=150)
     dur = float(arr.time[-1]) + 600.0
