@@ -317,7 +317,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--budget-s", type=float, default=240.0, help="stop starting new points after this long")
     p.add_argument("--no-graphs", action="store_true")
     p.add_argument("--check", action="store_true", help="first compare the kernels with gathered matmuls; exit 1 if off")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    unknown = sorted(set(args.models.split(",")) - set(MODELS))
+    if unknown:
+        p.error(f"unknown model(s) {', '.join(unknown)}; known: {', '.join(MODELS)}")
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:

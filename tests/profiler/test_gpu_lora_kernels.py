@@ -56,3 +56,9 @@ def test_fit_recovers_known_costs(lk):
     assert f["32"]["adapter_cost_vs_rank16"] == pytest.approx(1.7, rel=1e-6)
     assert f["32"]["ms_per_token"] == pytest.approx(0.01, rel=1e-6)
     assert f["32"]["ms_per_slot"] == pytest.approx(0.003, rel=1e-6)
+
+
+def test_unknown_model_is_a_clear_error(lk, capsys):
+    with pytest.raises(SystemExit) as exc:
+        lk.parse_args(["--out", "x", "--models", "llama-3.1-8b-instruct,gpt-9"])
+    assert exc.value.code == 2 and "unknown model(s) gpt-9" in capsys.readouterr().err
