@@ -346,8 +346,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             "gpu": torch.cuda.get_device_name(0) if args.device == "cuda" else None,
             "interpreter": os.environ.get("TRITON_INTERPRET") == "1", "dtype": str(dtype).replace("torch.", ""),
             "started_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())}
-    # ranks innermost: a run cut short by its budget still compares the ranks at every point it reached
-    points = [(sh, r, ml, d, m) for sh in shapes_list for ml in mls for d in ds for m in ms for r in ranks
+    # ranks, then models innermost: a run cut short by its budget still compares the ranks, for every model, at
+    # every point it reached
+    points = [(sh, r, ml, d, m) for ml in mls for d in ds for m in ms for sh in shapes_list for r in ranks
               if d <= ml and d <= m]
     fields = ["model", "max_lora_rank", "max_loras", "distinct", "tokens", "ms", "mode"]
     rows: list[dict] = []
