@@ -24,6 +24,10 @@ that it matches the real τ, damped. The open-loop gauge fit prices the terms at
 then pays them on every step, where batch size and step time move together: it is 3-6 % slow on near-critical runs.
 Caveat: a fold's training trajectories come from the training runs' own folds (which saw the held-out workload);
 the held-out runs' trajectories never do.
+
+``--rank-form kernel`` (default, shipped) fits no rank slope: what a max_lora_rank above 16 adds to a step is the
+measured LoRA-kernel cost (``profiler/measured/lora-kernels/lora_kernels.json``, ``profiler/gpu_lora_kernels.py``),
+part of the known step time like the calibration's terms, and written into ``real_params.json`` as measured.
 """
 
 from __future__ import annotations
@@ -48,7 +52,8 @@ POOL_PROMPT = {"llama-3.1-8b-instruct": 221.05, "qwen-2.5-7b-instruct": 219.60}
 POOL_TOTAL = {"llama-3.1-8b-instruct": 419.97, "qwen-2.5-7b-instruct": 422.47}
 RANK_SLOPES = [round(0.05 * i, 2) for i in range(0, 21)]
 ADAPTER_RANK_SCALES = [round(0.05 * i, 2) for i in range(0, 41)]
-RANK_FORM = "log2"  # --rank-form: how max_lora_rank scales the LoRA terms (fit_lora_terms)
+RANK_FORM = "kernel"  # --rank-form: how max_lora_rank acts on the step time (fit_lora_terms)
+LORA_KERNELS = Path(__file__).resolve().parent.parent / "profiler" / "measured" / "lora-kernels" / "lora_kernels.json"
 
 
 def decode_context(model: str) -> float:
@@ -117,7 +122,8 @@ def design(runs: list[dict], prof) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         a = expected_adapters(rates, served, ml, n, w)
         skipped = w * max(0.0, 1 - ml / served) if ml < served else 0.0
         known = (st.decode_ms(n) + st.prefill_ms_per_token * p_step
-                 + st.kv_read_ms_per_ktoken * 1e-3 * n * ctx.get(r["model"], 0.0) + prof.sched_base_ms + prof.sched_ms_per_running * n + prof.sched_ms_per_waiting_skipped * skipped)
+                 + st.kv_read_ms_per_ktoken * 1e-3 * n * ctx.get(r["model"], 0.0) + prof.sched_base_ms + prof.sched_ms_per_running * n + prof.sched_ms_per_waiting_skipped * skipped
+                 + st.rank_kernel_ms(mlr, ml, n + p_step, a))
         target = r["_tau_ms"] if TARGET == "tau" and n >= 1 else itl_ms
         xs.append((1.0, n, p_step, a, a * (n + p_step) / 1000.0)); ys.append(target - known); lr.append(math.log2(max(mlr, 8) / 8))
     return np.array(xs), np.array(ys), np.array(lr)
@@ -175,7 +181,7 @@ def fit_lora_terms(x: np.ndarray, y: np.ndarray, lr: np.ndarray, scale: np.ndarr
         s_best = min(ADAPTER_RANK_SCALES, key=lambda s: _nonneg_lsq(scaled(s)[sel], y[sel], wts[sel])[1])
         return _terms(_nonneg_lsq(scaled(s_best), y, wts)[0], 0.0, s_best)
     best = None
-    for slope in RANK_SLOPES:
+    for slope in [0.0] if RANK_FORM == "kernel" else RANK_SLOPES:  # kernel: the measured terms price the rank
         c, err = _nonneg_lsq(x * (1 + slope * lr)[:, None], y, wts)
         if best is None or err < best[0]:
             best = (err, slope, c)
@@ -347,9 +353,12 @@ def main(argv=None) -> int:
                          "open-loop gauge fit)")
     ap.add_argument("--damping", type=float, default=0.5,
                     help="closed-loop step: new terms = d x the trajectory fit + (1 - d) x the terms simulated")
-    ap.add_argument("--rank-form", choices=("log2", "adapter-blocks"), default="log2",
-                    help="how max_lora_rank scales the LoRA terms: all of them by a log2 slope, or the per-adapter "
-                         "term per 16-wide rank block (its scale fitted on the served runs)")
+    ap.add_argument("--rank-form", choices=("log2", "adapter-blocks", "kernel"), default="kernel",
+                    help="how max_lora_rank acts: priced by the LoRA-kernel measurement (--lora-kernels; default, "
+                         "shipped), or fitted: all LoRA terms by a log2 slope (shipped up to session 7), or the "
+                         "per-adapter term per 16-wide rank block (its scale fitted on the served runs)")
+    ap.add_argument("--lora-kernels", default=str(LORA_KERNELS),
+                    help="with --rank-form kernel: profiler/gpu_lora_kernels.py's lora_kernels.json")
     ap.add_argument("--light-seeds", default=None,
                     help="N:S1,S2,..: runs with at most N expected requests average these seeds (Poisson noise)")
     args = ap.parse_args(argv)
@@ -372,10 +381,15 @@ def main(argv=None) -> int:
         profs = [load_profile(r["model"]) for r in runs]
         result["shipped"] = report(runs, simulate_rows(runs, profs, args.jobs, seeds), "shipped profile", out)
     if args.fit:
+        kernel_terms = {}
+        if RANK_FORM == "kernel":  # the GPU-measured rank-block terms, as measured (not fitted here)
+            measured = json.loads(Path(args.lora_kernels).read_text())["rank_kernel"]
+            kernel_terms = {m: {k: v for k, v in measured[m].items() if k.startswith("lora_rank_block_")}
+                            for m in models}
         params, folds, bases, early = {}, {}, {}, {}
         for m in models:
             base = with_terms(load_profile(m), {"lora_ms_per_prefill_token": 0.0, "lora_rank_slope": 0.0,
-                                                "lora_ms_per_adapter_ktoken": 0.0})
+                                                "lora_ms_per_adapter_ktoken": 0.0, **kernel_terms.get(m, {})})
             bases[m] = base
             mine = [r for r in runs if r["model"] == m]
             params[m] = fit_terms(mine, base)
@@ -405,7 +419,7 @@ def main(argv=None) -> int:
                         folds[(m, w)] = fit_closed_loop([runs[i] for i in train], [traj_cv[i] for i in train], prev,
                                                         args.damping)
         insample_profs, cv_profs = profiles()
-        params = {m: {**params[m], "early_stop_fraction": early[m]} for m in models}
+        params = {m: {**params[m], "early_stop_fraction": early[m], **kernel_terms.get(m, {})} for m in models}
         result["folds"] = {f"{m}|{w}": {**t, "early_stop_fraction": early[(m, w)]} for (m, w), t in folds.items()}
         (out / "lowo_folds.json").write_text(json.dumps(result["folds"], indent=1) + "\n")
         result["closed_loop"] = {"steps": args.closed_loop, "damping": args.damping}

@@ -304,6 +304,9 @@ def fit_profile(calibration: str | Path, model: str, gpu: str = "h100-64gb", *,
     if "lora_adapter_rank_scale" in real:  # twin_fidelity --rank-form adapter-blocks
         step["lora_adapter_rank_scale"] = float(real.pop("lora_adapter_rank_scale"))
         sources["lora_adapter_rank_scale"] = "real runs (--real-params): fitted on their served runs"
+    for key in [k for k in real if k.startswith("lora_rank_block_")]:  # twin_fidelity --rank-form kernel
+        step[key] = float(real.pop(key))
+        sources[key] = "LoRA-kernel measurement (profiler/gpu_lora_kernels.py), via --real-params"
     if real_params:
         sources["real_params"] = {k: v for k, v in real_params.items()}
     return {

@@ -303,6 +303,53 @@ def fit(rows: list[dict]) -> dict:
     return out
 
 
+SPLIT_TOKENS = 128  # vLLM 0.8.5's LoRA kernels switch tiling (split-K 64 -> 8) at this many tokens
+
+
+def rank_kernel(rows: list[dict]) -> dict:
+    """Per model, what each 16-wide rank block beyond the first adds to a step (the profile's ``lora_rank_block_*``
+    terms): ms(rank) − ms(16) at the same point = blocks × (slot·S + adapter·A + slot_ktoken·S·M/1000), S = max_loras
+    + 1, least squares with every term >= 0, separately below and from SPLIT_TOKENS tokens."""
+    out: dict = {}
+    for model in sorted({r["model"] for r in rows}):
+        at = {(r["max_loras"], r["tokens"], r["distinct"], r["max_lora_rank"]): r["ms"] for r in rows
+              if r["model"] == model}
+        terms: dict = {"lora_rank_block_split_tokens": float(SPLIT_TOKENS)}
+        for suffix, below in (("", True), ("_large", False)):
+            x, y = [], []
+            for (ml, m, d, rank), ms in at.items():
+                b = -(-rank // 16) - 1
+                if b >= 1 and (ml, m, d, 16) in at and (m < SPLIT_TOKENS) == below:
+                    x.append([b * (ml + 1), b * d, b * (ml + 1) * m / 1000])
+                    y.append(ms - at[(ml, m, d, 16)])
+            coef = [0.0, 0.0, 0.0]
+            active = [0, 1, 2]
+            while x and active:
+                xt = torch.tensor([[row[j] for j in active] for row in x], dtype=torch.float64)
+                c = torch.linalg.lstsq(xt, torch.tensor(y, dtype=torch.float64)[:, None]).solution[:, 0].tolist()
+                if min(c) >= 0:
+                    for j, v in zip(active, c):
+                        coef[j] = v
+                    break
+                active.pop(c.index(min(c)))
+            for name, v in zip(("per_slot", "per_adapter", "per_slot_ktoken"), coef):
+                terms[f"lora_rank_block_ms_{name}{suffix}"] = v
+            terms[f"points{suffix}"] = len(y)
+        out[model] = terms
+    return out
+
+
+def read_rows(paths: Sequence[Path]) -> list[dict]:
+    """Rows of earlier runs' ``lora_kernels.csv`` files (for ``--refit``)."""
+    rows = []
+    for path in paths:
+        with open(path, newline="") as f:
+            for r in csv.DictReader(f):
+                rows.append({**r, **{k: int(r[k]) for k in ("max_lora_rank", "max_loras", "distinct", "tokens")},
+                             "ms": float(r["ms"])})
+    return rows
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, type=Path)
@@ -317,6 +364,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--budget-s", type=float, default=240.0, help="stop starting new points after this long")
     p.add_argument("--no-graphs", action="store_true")
     p.add_argument("--check", action="store_true", help="first compare the kernels with gathered matmuls; exit 1 if off")
+    p.add_argument("--refit", nargs="+", type=Path, metavar="CSV",
+                   help="measure nothing: write OUT/lora_kernels.json from these lora_kernels.csv files")
     args = p.parse_args(argv)
     unknown = sorted(set(args.models.split(",")) - set(MODELS))
     if unknown:
@@ -326,6 +375,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.refit:
+        rows = read_rows(args.refit)
+        args.out.mkdir(parents=True, exist_ok=True)
+        meta = {"format": FORMAT, "refit_of": [str(p) for p in args.refit], "points": len(rows)}
+        (args.out / "lora_kernels.json").write_text(json.dumps(
+            {"meta": meta, "fits": fit(rows), "rank_kernel": rank_kernel(rows)}, indent=1) + "\n")
+        return 0
     ints = lambda s: [int(v) for v in s.split(",") if v]  # noqa: E731
     if args.quick:
         shapes_list, ranks, mls, ds, ms, repeats = [TINY], [8, 16, 32], [3], [1, 3], [16, 20], 1
@@ -373,7 +429,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 torch.cuda.empty_cache()
     meta["elapsed_s"] = round(time.monotonic() - t0, 1)
     meta["points"] = f"{len(rows)}/{len(points)}"
-    (args.out / "lora_kernels.json").write_text(json.dumps({"meta": meta, "fits": fit(rows)}, indent=1) + "\n")
+    (args.out / "lora_kernels.json").write_text(json.dumps({"meta": meta, "fits": fit(rows),
+                                                            "rank_kernel": rank_kernel(rows)}, indent=1) + "\n")
     return 0
 
 

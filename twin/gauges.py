@@ -27,7 +27,8 @@ __all__ = ["FEATURES", "LORA_FEATURES", "GaugeEngine", "StepFeatures", "StepTerm
 
 #: features of one step; the ``lora_*`` / ``adapters*`` ones are 0 on a step without an adapter
 FEATURES = ("one", "n_decode", "n_decode_above_knee", "n_prefill", "context_ktokens", "load_ms", "running",
-            "skipped_waiting", "lora", "lora_n_decode", "lora_n_prefill", "adapters", "adapters_ktokens")
+            "skipped_waiting", "lora", "lora_n_decode", "lora_n_prefill", "adapters", "adapters_ktokens",
+            "rank_kernel_ms")
 #: the features the LoRA terms multiply, in the order of :data:`adaptwin.twin.profile` 's lora_* terms
 LORA_FEATURES = ("lora", "lora_n_decode", "lora_n_prefill", "adapters", "adapters_ktokens")
 
@@ -56,7 +57,8 @@ def known_ms(prof: Profile, f: dict[str, float]) -> float:
     return (st.base_ms * f["one"] + st.decode_ms_per_seq * f["n_decode"]
             + st.decode_ms_per_seq_above_knee * f["n_decode_above_knee"] + st.prefill_ms_per_token * f["n_prefill"]
             + st.kv_read_ms_per_ktoken * f["context_ktokens"] + f["load_ms"] + prof.sched_base_ms * f["one"]
-            + prof.sched_ms_per_running * f["running"] + prof.sched_ms_per_waiting_skipped * f["skipped_waiting"])
+            + prof.sched_ms_per_running * f["running"] + prof.sched_ms_per_waiting_skipped * f["skipped_waiting"]
+            + f["rank_kernel_ms"])
 
 
 def lora_ms(prof: Profile, f: dict[str, float], max_lora_rank: int) -> float:
@@ -69,9 +71,9 @@ def lora_ms(prof: Profile, f: dict[str, float], max_lora_rank: int) -> float:
 
 
 class StepTermsEngine(Engine):
-    """An :class:`Engine` that tells, per accounted step, what its step-time terms were: the adapter-load time
-    charged since the last step (:meth:`_take_load_ms`) and the prefill tokens of an exact step
-    (:meth:`_prefill_tokens`). The base of the diagnostic engines (slower: never the product path)."""
+    """An :class:`Engine` that tells, per accounted step, the adapter-load time charged since the last step
+    (:meth:`_take_load_ms`); the engine passes each exact step's prefill tokens to ``_account``. The base of the
+    diagnostic engines (slower: never the product path)."""
 
     def __init__(self, *args, **kw):
         super().__init__(*args, **kw)
@@ -86,18 +88,6 @@ class StepTermsEngine(Engine):
         load_ms, self._pending_load_ms = self._pending_load_ms, 0.0
         return load_ms
 
-    def _prefill_tokens(self, per_step_ms: float, steps: int, load_ms: float) -> float:
-        """Prefill tokens of the step: what is left of its time after the terms that do not depend on them (0 for a
-        jump of several identical decode steps, which prefill nothing)."""
-        if steps != 1:
-            return 0.0
-        n_dec, a = self.n_decode, self.n_adapters
-        lora = 1.0 if a else 0.0
-        known = (self._decode_ms(n_dec) + load_ms + self._sched_ms() + self._kv_read_ms()
-                 + lora * (self._l_base + self._l_dec * n_dec + a * (self._l_ad + self._l_adk * n_dec)))
-        per_tok = self._c_pre + lora * (self._l_pre + a * self._l_adk)
-        return max(0.0, (per_step_ms - known) / per_tok) if per_tok > 0 else 0.0
-
 
 class GaugeEngine(StepTermsEngine):
     """A :class:`StepTermsEngine` that records the token-weighted (``itl``) and running-weighted (``tau``) sums of
@@ -109,8 +99,8 @@ class GaugeEngine(StepTermsEngine):
         self.itl_gap_s = 0.0
         self.steps = 0
 
-    def _account(self, dt: float, steps: int) -> None:
-        super()._account(dt, steps)
+    def _account(self, dt: float, steps: int, prefill_tokens: int = 0) -> None:
+        super()._account(dt, steps, prefill_tokens)
         self.steps += steps
         load_ms = self._take_load_ms()
         n_run = len(self.running)
@@ -118,12 +108,13 @@ class GaugeEngine(StepTermsEngine):
             return
         n_dec, a = self.n_decode, self.n_adapters
         lora = 1.0 if a else 0.0
-        n_pre = self._prefill_tokens(dt * 1e3 / steps, steps, load_ms)
+        n_pre = prefill_tokens
         skipped = (self.n_waiting - self._w_in_batch) if a >= self.config.max_loras else 0
         # context tokens the decoders attend to, mean over the steps (it grows by n_dec a step), thousands
         ctx = (self._off_sum + n_dec * (self.step + 1 + (steps - 1) / 2)) * 1e-3
+        rk = self._rank_kernel_ms(n_dec + n_pre) if a and self._rk_on else 0.0
         vals = np.array((1.0, n_dec, max(0.0, n_dec - self._knee), n_pre, ctx, load_ms / steps, n_run, skipped,
-                         lora, lora * n_dec, lora * n_pre, a, a * (n_dec + n_pre) * 1e-3))
+                         lora, lora * n_dec, lora * n_pre, a, a * (n_dec + n_pre) * 1e-3, rk))
         self.tau.add(n_run * steps, vals)
         if n_dec:
             self.itl.add(n_dec * steps, vals)

@@ -45,6 +45,12 @@ OPTIONAL_STEP_FIELDS = {
     "decode_ms_per_seq_above_knee": "extra per decoding request beyond decode_knee_seqs (compute-bound batch)",
     "lora_adapter_rank_scale": "relative increase of lora_ms_per_adapter per 16-wide block of max_lora_rank beyond the "
                                "first (vLLM's LoRA kernels tile the rank by 16)",
+    **{f"lora_rank_block_ms_{term}{regime}": f"LoRA kernels, measured (profiler/gpu_lora_kernels.py): per 16-wide block "
+       f"of max_lora_rank beyond the first, {what}, in steps of {size} lora_rank_block_split_tokens tokens"
+       for term, what in (("per_adapter", "each distinct adapter"), ("per_slot", "each GPU adapter slot (max_loras + 1)"),
+                          ("per_slot_ktoken", "each slot times each 1000 tokens of the step"))
+       for regime, size in (("", "fewer than"), ("_large", "at least"))},
+    "lora_rank_block_split_tokens": "step size (tokens) at which vLLM's LoRA kernels switch tiling (0.8.5: 128)",
 }
 SCHED_FIELDS = {
     "base_ms": "every step",
@@ -182,6 +188,15 @@ class StepTimeModel:
     decode_ms_per_seq_above_knee: float = 0.0
     # vLLM's LoRA kernels tile the rank in blocks of 16: per adapter, rank 32 launches more work than 8 or 16
     lora_adapter_rank_scale: float = 0.0
+    # the same, measured on the kernels (rank_kernel_ms): what each further rank block adds, in the two tilings vLLM
+    # picks by step size (a split-K shrink below the split, where the rank's programs cost most)
+    lora_rank_block_ms_per_adapter: float = 0.0
+    lora_rank_block_ms_per_slot: float = 0.0
+    lora_rank_block_ms_per_slot_ktoken: float = 0.0
+    lora_rank_block_ms_per_adapter_large: float = 0.0
+    lora_rank_block_ms_per_slot_large: float = 0.0
+    lora_rank_block_ms_per_slot_ktoken_large: float = 0.0
+    lora_rank_block_split_tokens: float = 128.0
 
     def decode_ms(self, n_decode: float) -> float:
         """The non-LoRA decode part of a step with ``n_decode`` decoding requests: base, per sequence, knee."""
@@ -195,6 +210,26 @@ class StepTimeModel:
     def adapter_rank_factor(self, max_lora_rank: int) -> float:
         """Extra scale of the per-adapter term: 1 up to rank 16, + lora_adapter_rank_scale per further 16."""
         return 1.0 + self.lora_adapter_rank_scale * rank_blocks(max_lora_rank)
+
+    def rank_kernel_terms(self, max_lora_rank: int, max_loras: int) -> tuple[float, tuple[float, float, float],
+                                                                              tuple[float, float, float]]:
+        """For a server's max_lora_rank and max_loras: (split tokens, (per step, per adapter, per 1000 tokens) below
+        the split, the same from it) of :meth:`rank_kernel_ms`."""
+        b, slots = rank_blocks(max_lora_rank), max_loras + 1
+        return (self.lora_rank_block_split_tokens,
+                (b * slots * self.lora_rank_block_ms_per_slot, b * self.lora_rank_block_ms_per_adapter,
+                 b * slots * self.lora_rank_block_ms_per_slot_ktoken),
+                (b * slots * self.lora_rank_block_ms_per_slot_large, b * self.lora_rank_block_ms_per_adapter_large,
+                 b * slots * self.lora_rank_block_ms_per_slot_ktoken_large))
+
+    def rank_kernel_ms(self, max_lora_rank: int, max_loras: int, tokens: float, n_adapters: int) -> float:
+        """LoRA kernel time a step of ``tokens`` tokens and ``n_adapters`` adapters spends beyond what it would at
+        max_lora_rank 16 (0 without the measured ``lora_rank_block_*`` terms, or up to rank 16)."""
+        if n_adapters <= 0:
+            return 0.0
+        split, below, above = self.rank_kernel_terms(max_lora_rank, max_loras)
+        c = below if tokens < split else above
+        return c[0] + c[1] * n_adapters + c[2] * tokens * 1e-3
 
     def step_ms(self, n_decode: int, n_prefill: int, n_adapters: int, rank_factor: float = 1.0,
                 context_tokens: int = 0, adapter_rank_factor: float = 1.0) -> float:

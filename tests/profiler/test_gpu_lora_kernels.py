@@ -36,6 +36,7 @@ def test_quick_cpu_run_checks_the_kernels_and_writes_its_outputs(tmp_path):
     assert {r["max_lora_rank"] for r in rows} == {"8", "16", "32"} and all(float(r["ms"]) > 0 for r in rows)
     fits = doc["fits"]["tiny"]
     assert set(fits) == {"8", "16", "32"} and fits["16"]["adapter_cost_vs_rank16"] == pytest.approx(1.0)
+    assert doc["rank_kernel"]["tiny"]["points"] > 0  # rank 32 against 16 at the quick grid's points
 
 
 def test_batch_sorts_tokens_into_adapter_slots(lk):
@@ -62,3 +63,46 @@ def test_unknown_model_is_a_clear_error(lk, capsys):
     with pytest.raises(SystemExit) as exc:
         lk.parse_args(["--out", "x", "--models", "llama-3.1-8b-instruct,gpt-9"])
     assert exc.value.code == 2 and "unknown model(s) gpt-9" in capsys.readouterr().err
+
+
+def _kernel_rows(below=(0.004, 0.08, 0.2), above=(0.0, 0.03, 0.03)) -> list[dict]:
+    """Step times whose rank blocks beyond 16 add slot·S + adapter·A + slot_ktoken·S·M/1000 each, by tiling."""
+    rows = []
+    for r in (16, 32, 64):
+        b = {16: 0, 32: 1, 64: 3}[r]
+        for t in (16, 64, 128, 512):
+            c = below if t < 128 else above
+            for d in (1, 8):
+                for ml in (8, 64, 384):
+                    extra = b * (c[0] * (ml + 1) + c[1] * d + c[2] * (ml + 1) * t / 1000)
+                    rows.append(dict(model="m", max_lora_rank=r, tokens=t, distinct=d, max_loras=ml,
+                                     ms=1.0 + 0.01 * t + 0.2 * d + extra))
+    return rows
+
+
+def test_rank_kernel_recovers_the_rank_block_terms_by_tiling(lk):
+    k = lk.rank_kernel(_kernel_rows())["m"]
+    assert k["lora_rank_block_split_tokens"] == 128.0
+    assert [k[f"lora_rank_block_ms_{n}"] for n in ("per_slot", "per_adapter", "per_slot_ktoken")] == \
+        pytest.approx([0.004, 0.08, 0.2], abs=1e-9)
+    assert [k[f"lora_rank_block_ms_{n}_large"] for n in ("per_slot", "per_adapter", "per_slot_ktoken")] == \
+        pytest.approx([0.0, 0.03, 0.03], abs=1e-9)
+    # a term the data push below 0 is dropped (0), not fitted negative: the profile rejects negative terms
+    neg = lk.rank_kernel(_kernel_rows(above=(-0.002, 0.03, 0.03)))["m"]
+    assert neg["lora_rank_block_ms_per_slot_large"] == 0.0 and neg["lora_rank_block_ms_per_adapter_large"] > 0
+
+
+def test_refit_rewrites_the_json_from_measured_csvs(tmp_path):
+    csv_path = tmp_path / "in.csv"
+    rows = _kernel_rows()
+    with open(csv_path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["model", "max_lora_rank", "max_loras", "distinct", "tokens", "ms", "mode"])
+        w.writeheader()
+        w.writerows({**r, "mode": "graph"} for r in rows)
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--out", str(tmp_path / "out"), "--refit", str(csv_path)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    doc = json.loads((tmp_path / "out" / "lora_kernels.json").read_text())
+    assert doc["meta"]["points"] == len(rows)
+    assert doc["rank_kernel"]["m"]["lora_rank_block_ms_per_adapter"] == pytest.approx(0.08, abs=1e-9)
+    assert not (tmp_path / "out" / "lora_kernels.csv").exists()  # a refit measures nothing

@@ -103,3 +103,33 @@ def test_adapter_rank_scale_prices_rank_blocks_and_the_features_follow():
         assert _step_ms(scaled, gauged.tau.mean(per=decode_tokens), cfg) == pytest.approx(running_ms / decode_tokens,
                                                                                           rel=1e-6)
     assert itl[16] == pytest.approx(1.0, abs=1e-9) and itl[32] > 1.01
+
+
+def test_rank_kernel_terms_price_rank_blocks_by_tiling_and_the_features_follow():
+    """The measured ``lora_rank_block_*`` terms: nothing up to rank 16 or without adapters, one block at 32 and three
+    at 64, the tiling chosen by the step's tokens; a prefill-heavy run across both tilings still rebuilds τ exactly
+    (the prefill tokens recovered from each step's time see the term too)."""
+    prof = load_profile(LLAMA)
+    st = dataclasses.replace(prof.step, lora_rank_block_ms_per_slot=0.004, lora_rank_block_ms_per_adapter=0.08,
+                             lora_rank_block_ms_per_slot_ktoken=0.2, lora_rank_block_ms_per_adapter_large=0.03,
+                             lora_rank_block_ms_per_slot_ktoken_large=0.03, lora_rank_block_split_tokens=128)
+    assert st.rank_kernel_ms(16, 64, 60, 10) == 0.0 and st.rank_kernel_ms(32, 64, 60, 0) == 0.0
+    below = 65 * 0.004 + 10 * 0.08 + 65 * 0.2 * 0.06
+    assert st.rank_kernel_ms(32, 64, 60, 10) == pytest.approx(below)
+    assert st.rank_kernel_ms(64, 64, 60, 10) == pytest.approx(3 * below)
+    assert st.rank_kernel_ms(32, 64, 128, 10) == pytest.approx(10 * 0.03 + 65 * 0.03 * 0.128)
+    priced = dataclasses.replace(prof, step=st)
+    arr = make_arrivals(600, 8, rate=30.0, seed=4, max_prompt=900, max_out=200)
+    dur = float(arr.time[-1]) + 600.0
+    slow = {}
+    for rank in (16, 32):
+        cfg = ServerConfig(model=LLAMA, served=8, max_loras=8, adapter_ranks=(8, 16) * 4, max_lora_rank=rank)
+        gauged, res = _run(GaugeEngine, cfg, arr, dur, priced)
+        _, base = _run(GaugeEngine, cfg, arr, dur, prof)
+        slow[rank] = res.summary()["mean_itl_ms"] / base.summary()["mean_itl_ms"]
+        decode_tokens = float((res.req["output"][res.finished_mask] - 1).sum())
+        running_ms = sum(w.running_s for w in gauged.windows) * 1e3
+        f = gauged.tau.mean(per=decode_tokens)
+        assert _step_ms(priced, f, cfg) == pytest.approx(running_ms / decode_tokens, rel=1e-6)
+        assert (f["rank_kernel_ms"] > 0) == (rank == 32)
+    assert slow[16] == pytest.approx(1.0, abs=1e-9) and slow[32] > 1.01

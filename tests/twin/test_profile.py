@@ -68,6 +68,22 @@ def test_fit_reproduces_shipped_profile(model):
     assert fitted["scheduler"] == pytest.approx(shipped["scheduler"], rel=1e-6)
 
 
+@pytest.mark.skipif(not CAL.is_dir(), reason="shared calibration data not available")
+def test_fit_carries_the_measured_rank_kernel_terms(tmp_path):
+    """`twin fit --real-params` puts twin_fidelity's (GPU-measured) ``lora_rank_block_*`` terms into the profile,
+    with their source, and the profile loads with them priced."""
+    terms = {"lora_rank_block_ms_per_adapter": 0.08, "lora_rank_block_ms_per_slot_ktoken": 0.2,
+             "lora_rank_block_ms_per_adapter_large": 0.03, "lora_rank_block_split_tokens": 128.0}
+    fitted = fit_profile(CAL, LLAMA, real_params={"lora_ms_per_adapter": 0.4, **terms})
+    assert {k: fitted["step_time"][k] for k in terms} == terms
+    assert "gpu_lora_kernels" in fitted["meta"]["sources"]["lora_rank_block_ms_per_adapter"]
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps(fitted))
+    st = load_profile(path=path).step
+    assert st.rank_kernel_ms(32, 7, 60, 4) == pytest.approx(4 * 0.08 + 8 * 0.2 * 0.06)
+    assert st.rank_kernel_ms(16, 7, 60, 4) == 0.0
+
+
 def test_decode_fit_finds_the_knee_and_keeps_a_straight_line():
     """A batch bound by reading the weights costs less per sequence than a compute-bound one: the decode fit finds a
     knee in such points (and its cost above it) and keeps a straight line when there is none."""
