@@ -320,7 +320,7 @@ def model_report(runs: list[RealRun], band: float) -> dict:
 
 def print_report(reports: dict) -> None:
     print(f"{'model':22s} {'runs':>5s} {'K-seed':>6s} {'K':>3s} {'flip %':>7s} {'ceil N %':>9s} {'ceil S %':>9s} "
-          f"{'ceil 2 %':>9s} {'agree s0 %':>10s} {'agree avg %':>11s} {'LOWO %':>7s} {'std med':>8s} "
+          f"{'ceil 2 %':>9s} {'agree s0 %':>10s} {'agree avg %':>11s} {'agree ens %':>11s} {'LOWO %':>7s} {'std med':>8s} "
           f"{'offered CV %':>12s}")
     for m, r in reports.items():
         if not r:

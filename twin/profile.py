@@ -167,7 +167,7 @@ class StepTimeModel:
     + kv_read·context_tokens/1000
     + [LoRA in batch]·rank_factor·(lora_base + lora_seq·n_decode + lora_prefill·n_prefill
     + lora_adapter·adapter_rank_factor·A + lora_adapter_ktoken·A·(n_decode + n_prefill)/1000)``
-    plus adapter loads and scheduler overhead, which the engine adds (they depend on its state).
+    plus adapter loads, scheduler overhead and :meth:`rank_kernel_ms` (max_loras-dependent), which the engine adds.
     """
 
     base_ms: float

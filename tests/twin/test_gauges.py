@@ -23,6 +23,18 @@ def _step_ms(prof, f, cfg):
     return known_ms(prof, f) + lora_ms(prof, f, cfg.max_lora_rank)
 
 
+def _slowdown_rebuilding_tau(priced, base, cfg, arr, dur):
+    """Mean ITL of ``cfg`` on ``priced`` over that on ``base``, after checking that the features rebuild the priced
+    run's τ exactly; with the priced run's τ features."""
+    gauged, res = _run(GaugeEngine, cfg, arr, dur, priced)
+    _, plain = _run(GaugeEngine, cfg, arr, dur, base)
+    decode_tokens = float((res.req["output"][res.finished_mask] - 1).sum())
+    running_ms = sum(w.running_s for w in gauged.windows) * 1e3
+    f = gauged.tau.mean(per=decode_tokens)
+    assert _step_ms(priced, f, cfg) == pytest.approx(running_ms / decode_tokens, rel=1e-6)
+    return res.summary()["mean_itl_ms"] / plain.summary()["mean_itl_ms"], f
+
+
 @pytest.mark.parametrize("slots, rate", [(2, 3.0), (8, 40.0)])  # adapter-limited queue; busy, prefill-heavy
 def test_features_rebuild_the_itl_and_tau(slots, rate):
     cfg = ServerConfig(model=LLAMA, served=8, max_loras=slots, adapter_ranks=(8, 16) * 4, max_lora_rank=16)
@@ -95,21 +107,17 @@ def test_adapter_rank_scale_prices_rank_blocks_and_the_features_follow():
     itl = {}
     for rank in (16, 32):
         cfg = ServerConfig(model=LLAMA, served=8, max_loras=4, adapter_ranks=(8, 16) * 4, max_lora_rank=rank)
-        gauged, res = _run(GaugeEngine, cfg, arr, dur, scaled)
-        _, base = _run(GaugeEngine, cfg, arr, dur, prof)
-        itl[rank] = res.summary()["mean_itl_ms"] / base.summary()["mean_itl_ms"]
-        decode_tokens = float((res.req["output"][res.finished_mask] - 1).sum())
-        running_ms = sum(w.running_s for w in gauged.windows) * 1e3
-        assert _step_ms(scaled, gauged.tau.mean(per=decode_tokens), cfg) == pytest.approx(running_ms / decode_tokens,
-                                                                                          rel=1e-6)
+        itl[rank], _ = _slowdown_rebuilding_tau(scaled, prof, cfg, arr, dur)
     assert itl[16] == pytest.approx(1.0, abs=1e-9) and itl[32] > 1.01
 
 
 def test_rank_kernel_terms_price_rank_blocks_by_tiling_and_the_features_follow():
     """The measured ``lora_rank_block_*`` terms: nothing up to rank 16 or without adapters, one block at 32 and three
-    at 64, the tiling chosen by the step's tokens; a prefill-heavy run across both tilings still rebuilds τ exactly
-    (the prefill tokens recovered from each step's time see the term too)."""
-    prof = load_profile(LLAMA)
+    at 64, the tiling chosen by the step's tokens; a prefill-heavy run still rebuilds τ exactly (the engine hands
+    each step's prefill tokens to the gauges)."""
+    shipped = load_profile(LLAMA)
+    unpriced = {f.name: 0.0 for f in dataclasses.fields(shipped.step) if f.name.startswith("lora_rank_block_ms")}
+    prof = dataclasses.replace(shipped, step=dataclasses.replace(shipped.step, **unpriced))
     st = dataclasses.replace(prof.step, lora_rank_block_ms_per_slot=0.004, lora_rank_block_ms_per_adapter=0.08,
                              lora_rank_block_ms_per_slot_ktoken=0.2, lora_rank_block_ms_per_adapter_large=0.03,
                              lora_rank_block_ms_per_slot_ktoken_large=0.03, lora_rank_block_split_tokens=128)
@@ -124,12 +132,6 @@ def test_rank_kernel_terms_price_rank_blocks_by_tiling_and_the_features_follow()
     slow = {}
     for rank in (16, 32):
         cfg = ServerConfig(model=LLAMA, served=8, max_loras=8, adapter_ranks=(8, 16) * 4, max_lora_rank=rank)
-        gauged, res = _run(GaugeEngine, cfg, arr, dur, priced)
-        _, base = _run(GaugeEngine, cfg, arr, dur, prof)
-        slow[rank] = res.summary()["mean_itl_ms"] / base.summary()["mean_itl_ms"]
-        decode_tokens = float((res.req["output"][res.finished_mask] - 1).sum())
-        running_ms = sum(w.running_s for w in gauged.windows) * 1e3
-        f = gauged.tau.mean(per=decode_tokens)
-        assert _step_ms(priced, f, cfg) == pytest.approx(running_ms / decode_tokens, rel=1e-6)
+        slow[rank], f = _slowdown_rebuilding_tau(priced, prof, cfg, arr, dur)
         assert (f["rank_kernel_ms"] > 0) == (rank == 32)
     assert slow[16] == pytest.approx(1.0, abs=1e-9) and slow[32] > 1.01
