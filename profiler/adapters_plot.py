@@ -15,7 +15,7 @@ from pathlib import Path
 __all__ = ["Panel", "small_multiples", "write_svg"]
 
 COLOURS = {"lora": "#1f77b4", "parallel": "#2ca02c", "series": "#d62728", "fused": "#9467bd"}
-_FALLBACK = ("#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf")
+_FALLBACK = ("#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf", "#ff7f0e", "#1f77b4", "#2ca02c", "#d62728", "#9467bd")
 PANEL_W, PANEL_H, PAD_L, PAD_B, PAD_T, PAD_R = 300, 220, 52, 40, 28, 12
 
 
@@ -37,7 +37,8 @@ def _ticks(lo: float, hi: float, n: int = 5) -> list[float]:
     return [start + i * step for i in range(int((hi - start) / step) + 2) if start + i * step <= hi + 1e-9 * step]
 
 
-def _panel_svg(p: Panel, ox: float, oy: float, y_lo: float, y_hi: float, xlabel: str, ylabel: str) -> list[str]:
+def _panel_svg(p: Panel, ox: float, oy: float, y_lo: float, y_hi: float, xlabel: str, ylabel: str,
+               colours: dict[str, str]) -> list[str]:
     xs = sorted({x for pts in p.series.values() for x, _ in pts})
     lx = [math.log2(x) for x in xs] or [0.0]
     x_lo, x_hi = min(lx), max(lx) if max(lx) > min(lx) else min(lx) + 1.0
@@ -61,8 +62,8 @@ def _panel_svg(p: Panel, ox: float, oy: float, y_lo: float, y_hi: float, xlabel:
                f'{escape(xlabel)}</text>')
     out.append(f'<text transform="translate({ox + 12},{oy + PAD_T + ph / 2:.1f}) rotate(-90)" text-anchor="middle">'
                f'{escape(ylabel)}</text>')
-    for i, (name, pts) in enumerate(p.series.items()):
-        colour = COLOURS.get(name, _FALLBACK[i % len(_FALLBACK)])
+    for name, pts in p.series.items():
+        colour = colours[name]
         pts = sorted(pts)
         path = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in pts)
         out.append(f'<polyline points="{path}" fill="none" stroke="{colour}" stroke-width="2"/>')
@@ -76,6 +77,8 @@ def small_multiples(panels: list[Panel], xlabel: str, ylabel: str, title: str = 
     y_lo, y_hi = (min(0.0, min(ys)), max(ys)) if ys else (0.0, 1.0)
     y_hi = y_hi + 0.05 * (y_hi - y_lo or 1.0)
     names = list(dict.fromkeys(n for p in panels for n in p.series))
+    # one colour per series name in every panel and the legend, also when panels hold different series
+    colours = {n: COLOURS.get(n, _FALLBACK[i % len(_FALLBACK)]) for i, n in enumerate(names)}
     top = 24 if title else 0
     width, height = PANEL_W * max(len(panels), 1), PANEL_H + top + 24
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" '
@@ -83,11 +86,10 @@ def small_multiples(panels: list[Panel], xlabel: str, ylabel: str, title: str = 
     if title:
         out.append(f'<text x="{width / 2}" y="16" text-anchor="middle" font-size="13">{escape(title)}</text>')
     for i, p in enumerate(panels):
-        out += _panel_svg(p, i * PANEL_W, top, y_lo, y_hi, xlabel, ylabel)
+        out += _panel_svg(p, i * PANEL_W, top, y_lo, y_hi, xlabel, ylabel, colours)
     for i, name in enumerate(names):
-        colour = COLOURS.get(name, _FALLBACK[i % len(_FALLBACK)])
         x = PAD_L + i * 90
-        out.append(f'<rect x="{x}" y="{height - 16}" width="12" height="4" fill="{colour}"/>')
+        out.append(f'<rect x="{x}" y="{height - 16}" width="12" height="4" fill="{colours[name]}"/>')
         out.append(f'<text x="{x + 16}" y="{height - 11}">{escape(name)}</text>')
     out.append("</svg>")
     return "\n".join(out) + "\n"
