@@ -318,7 +318,7 @@ def rank_kernel(rows: list[dict]) -> dict:
         for suffix, below in (("", True), ("_large", False)):
             x, y = [], []
             for (ml, m, d, rank), ms in at.items():
-                b = -(-rank // 16) - 1
+                b = -(-rank // 16) - 1  # adaptwin.twin.profile.rank_blocks (the script runs without the package)
                 if b >= 1 and (ml, m, d, 16) in at and (m < SPLIT_TOKENS) == below:
                     x.append([b * (ml + 1), b * d, b * (ml + 1) * m / 1000])
                     y.append(ms - at[(ml, m, d, 16)])
@@ -350,6 +350,12 @@ def read_rows(paths: Sequence[Path]) -> list[dict]:
     return rows
 
 
+def write_fits(out: Path, meta: dict, rows: list[dict]) -> None:
+    """``OUT/lora_kernels.json``: ``meta``, the per-rank fits and the per-rank-block fit the twin reads."""
+    doc = {"meta": meta, "fits": fit(rows), "rank_kernel": rank_kernel(rows)}
+    (out / "lora_kernels.json").write_text(json.dumps(doc, indent=1) + "\n")
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, type=Path)
@@ -378,9 +384,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.refit:
         rows = read_rows(args.refit)
         args.out.mkdir(parents=True, exist_ok=True)
-        meta = {"format": FORMAT, "refit_of": [str(p) for p in args.refit], "points": len(rows)}
-        (args.out / "lora_kernels.json").write_text(json.dumps(
-            {"meta": meta, "fits": fit(rows), "rank_kernel": rank_kernel(rows)}, indent=1) + "\n")
+        write_fits(args.out, {"format": FORMAT, "refit_of": [str(p) for p in args.refit], "points": len(rows)}, rows)
         return 0
     ints = lambda s: [int(v) for v in s.split(",") if v]  # noqa: E731
     if args.quick:
@@ -429,8 +433,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 torch.cuda.empty_cache()
     meta["elapsed_s"] = round(time.monotonic() - t0, 1)
     meta["points"] = f"{len(rows)}/{len(points)}"
-    (args.out / "lora_kernels.json").write_text(json.dumps({"meta": meta, "fits": fit(rows),
-                                                            "rank_kernel": rank_kernel(rows)}, indent=1) + "\n")
+    write_fits(args.out, meta, rows)
     return 0
 
 

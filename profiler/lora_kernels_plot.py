@@ -21,8 +21,8 @@ __all__ = ["rank_ratios", "read_rows", "write_plots"]
 
 
 def rank_ratios(rows: list[dict], model: str, rank: int = 32) -> dict[int, dict[int, list[tuple[int, float]]]]:
-    """``{max_loras: {distinct: [(tokens, ms at rank / ms at 16), ...]}}`` of ``model``, over the points measured at both
-    ranks (a later row of the same point replaces an earlier one, as when two runs overlap)."""
+    """``{max_loras: {distinct: [(tokens, ms at rank / ms at 16), ...]}}`` of ``model``, over the points measured
+    at both ranks (a later row of the same point replaces an earlier one, as when two runs overlap)."""
     ms = {(int(r["max_loras"]), int(r["distinct"]), int(r["tokens"]), int(r["max_lora_rank"])): float(r["ms"])
           for r in rows if r["model"] == model}
     out: dict[int, dict[int, list[tuple[int, float]]]] = {}

@@ -45,9 +45,11 @@ OPTIONAL_STEP_FIELDS = {
     "decode_ms_per_seq_above_knee": "extra per decoding request beyond decode_knee_seqs (compute-bound batch)",
     "lora_adapter_rank_scale": "relative increase of lora_ms_per_adapter per 16-wide block of max_lora_rank beyond the "
                                "first (vLLM's LoRA kernels tile the rank by 16)",
-    **{f"lora_rank_block_ms_{term}{regime}": f"LoRA kernels, measured (profiler/gpu_lora_kernels.py): per 16-wide block "
-       f"of max_lora_rank beyond the first, {what}, in steps of {size} lora_rank_block_split_tokens tokens"
-       for term, what in (("per_adapter", "each distinct adapter"), ("per_slot", "each GPU adapter slot (max_loras + 1)"),
+    **{f"lora_rank_block_ms_{term}{regime}":
+       f"LoRA kernels, measured (profiler/gpu_lora_kernels.py): per 16-wide block of max_lora_rank beyond the first, "
+       f"{what}, in steps of {size} lora_rank_block_split_tokens tokens"
+       for term, what in (("per_adapter", "each distinct adapter"),
+                          ("per_slot", "each GPU adapter slot (max_loras + 1)"),
                           ("per_slot_ktoken", "each slot times each 1000 tokens of the step"))
        for regime, size in (("", "fewer than"), ("_large", "at least"))},
     "lora_rank_block_split_tokens": "step size (tokens) at which vLLM's LoRA kernels switch tiling (0.8.5: 128)",
