@@ -35,6 +35,14 @@ def _slowdown_rebuilding_tau(priced, base, cfg, arr, dur):
     return res.summary()["mean_itl_ms"] / plain.summary()["mean_itl_ms"], f
 
 
+def _slowdown_by_rank(priced, base, max_loras, arr):
+    """:func:`_slowdown_rebuilding_tau` at max_lora_rank 16 and 32 (8 adapters of ranks 8 and 16)."""
+    dur = float(arr.time[-1]) + 600.0
+    return {rank: _slowdown_rebuilding_tau(priced, base, ServerConfig(
+        model=LLAMA, served=8, max_loras=max_loras, adapter_ranks=(8, 16) * 4, max_lora_rank=rank), arr, dur)
+        for rank in (16, 32)}
+
+
 @pytest.mark.parametrize("slots, rate", [(2, 3.0), (8, 40.0)])  # adapter-limited queue; busy, prefill-heavy
 def test_features_rebuild_the_itl_and_tau(slots, rate):
     cfg = ServerConfig(model=LLAMA, served=8, max_loras=slots, adapter_ranks=(8, 16) * 4, max_lora_rank=16)
@@ -101,14 +109,9 @@ def test_adapter_rank_scale_prices_rank_blocks_and_the_features_follow():
     assert [st.adapter_rank_factor(r) for r in (8, 16, 32, 64)] == [1.0, 1.0, 1.5, 2.5]
     extra = st.step_ms(10, 0, 2, adapter_rank_factor=st.adapter_rank_factor(32)) - st.step_ms(10, 0, 2)
     assert extra == pytest.approx(2 * 0.5 * st.lora_ms_per_adapter)
-    scaled = dataclasses.replace(prof, step=st)
-    arr = make_arrivals(400, 8, rate=20.0, seed=2, max_prompt=600, max_out=150)
-    dur = float(arr.time[-1]) + 600.0
-    itl = {}
-    for rank in (16, 32):
-        cfg = ServerConfig(model=LLAMA, served=8, max_loras=4, adapter_ranks=(8, 16) * 4, max_lora_rank=rank)
-        itl[rank], _ = _slowdown_rebuilding_tau(scaled, prof, cfg, arr, dur)
-    assert itl[16] == pytest.approx(1.0, abs=1e-9) and itl[32] > 1.01
+    slow = _slowdown_by_rank(dataclasses.replace(prof, step=st), prof, 4,
+                             make_arrivals(400, 8, rate=20.0, seed=2, max_prompt=600, max_out=150))
+    assert slow[16][0] == pytest.approx(1.0, abs=1e-9) and slow[32][0] > 1.01
 
 
 def test_rank_kernel_terms_price_rank_blocks_by_tiling_and_the_features_follow():
@@ -126,12 +129,7 @@ def test_rank_kernel_terms_price_rank_blocks_by_tiling_and_the_features_follow()
     assert st.rank_kernel_ms(32, 64, 60, 10) == pytest.approx(below)
     assert st.rank_kernel_ms(64, 64, 60, 10) == pytest.approx(3 * below)
     assert st.rank_kernel_ms(32, 64, 128, 10) == pytest.approx(10 * 0.03 + 65 * 0.03 * 0.128)
-    priced = dataclasses.replace(prof, step=st)
-    arr = make_arrivals(600, 8, rate=30.0, seed=4, max_prompt=900, max_out=200)
-    dur = float(arr.time[-1]) + 600.0
-    slow = {}
-    for rank in (16, 32):
-        cfg = ServerConfig(model=LLAMA, served=8, max_loras=8, adapter_ranks=(8, 16) * 4, max_lora_rank=rank)
-        slow[rank], f = _slowdown_rebuilding_tau(priced, prof, cfg, arr, dur)
-        assert (f["rank_kernel_ms"] > 0) == (rank == 32)
-    assert slow[16] == pytest.approx(1.0, abs=1e-9) and slow[32] > 1.01
+    slow = _slowdown_by_rank(dataclasses.replace(prof, step=st), prof, 8,
+                             make_arrivals(600, 8, rate=30.0, seed=4, max_prompt=900, max_out=200))
+    assert slow[16][1]["rank_kernel_ms"] == 0 < slow[32][1]["rank_kernel_ms"]
+    assert slow[16][0] == pytest.approx(1.0, abs=1e-9) and slow[32][0] > 1.01
