@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from adaptwin.twin.config import Arrivals, ConfigError, ServerConfig
-from adaptwin.twin.profile import Profile, load_profile
+from adaptwin.twin.profile import Profile, load_profile, price_rank_kernel
 
 __all__ = ["Engine", "PENDING", "WAITING", "RUNNING", "FINISHED", "REJECTED"]
 
@@ -98,8 +98,8 @@ class Engine:
         self._l_ad = lscale * st.adapter_rank_factor(config.max_lora_rank) * st.lora_ms_per_adapter
         self._l_adk = lscale * st.lora_ms_per_adapter_ktoken * 1e-3
         # measured LoRA-kernel cost of the rank blocks beyond 16, by the kernels' tiling (StepTimeModel.rank_kernel_ms)
-        self._rk_split, self._rk_below, self._rk_above = st.rank_kernel_terms(config.max_lora_rank, config.max_loras)
-        self._rk_on = any(self._rk_below) or any(self._rk_above)
+        self._rk = st.rank_kernel_terms(config.max_lora_rank, config.max_loras)
+        self._rk_on = any(self._rk[1]) or any(self._rk[2])
         # adapter family: LoRA terms x a measured multiplier per distinct-adapter count (all 1.0 for lora: exact)
         self._fam = prof.family_multipliers(config.adapter_family, config.max_lora_rank, config.max_loras)
         self._s_base, self._s_run = prof.sched_base_ms, prof.sched_ms_per_running
@@ -451,7 +451,7 @@ class Engine:
             dt_ms += (self._l_base + self._l_dec * n_dec + self._l_pre * n_pre
                       + self.n_adapters * (self._l_ad + self._l_adk * (n_dec + n_pre))) * self._fam[self.n_adapters]
             if self._rk_on:
-                dt_ms += self._rank_kernel_ms(n_dec + n_pre)
+                dt_ms += price_rank_kernel(self._rk, n_dec + n_pre, self.n_adapters)
         dt_ms += self._sched_ms()
         dt = dt_ms * 1e-3
         self._account(dt, 1, n_pre)
@@ -505,14 +505,9 @@ class Engine:
             ms += (self._l_base + self._l_dec * n_dec
                    + self.n_adapters * (self._l_ad + self._l_adk * n_dec)) * self._fam[self.n_adapters]
             if self._rk_on:
-                ms += self._rank_kernel_ms(n_dec)
+                ms += price_rank_kernel(self._rk, n_dec, self.n_adapters)
         ms += self._sched_ms()
         return ms * 1e-3
-
-    def _rank_kernel_ms(self, tokens: int) -> float:
-        """:meth:`StepTimeModel.rank_kernel_ms` of a step of ``tokens`` tokens with the batch's adapters."""
-        c = self._rk_below if tokens < self._rk_split else self._rk_above
-        return c[0] + c[1] * self.n_adapters + c[2] * tokens * 1e-3
 
     def _decode_ms(self, n_dec: int) -> float:
         """Base and per-decoder cost of a step (:meth:`StepTimeModel.decode_ms`)."""

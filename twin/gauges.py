@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from adaptwin.twin.engine import Engine
-from adaptwin.twin.profile import Profile
+from adaptwin.twin.profile import Profile, price_rank_kernel
 
 __all__ = ["FEATURES", "LORA_FEATURES", "GaugeEngine", "StepFeatures", "StepTermsEngine", "known_ms", "lora_ms"]
 
@@ -112,7 +112,7 @@ class GaugeEngine(StepTermsEngine):
         skipped = (self.n_waiting - self._w_in_batch) if a >= self.config.max_loras else 0
         # context tokens the decoders attend to, mean over the steps (it grows by n_dec a step), thousands
         ctx = (self._off_sum + n_dec * (self.step + 1 + (steps - 1) / 2)) * 1e-3
-        rk = self._rank_kernel_ms(n_dec + n_pre) if a and self._rk_on else 0.0
+        rk = price_rank_kernel(self._rk, n_dec + n_pre, a) if a and self._rk_on else 0.0
         vals = np.array((1.0, n_dec, max(0.0, n_dec - self._knee), n_pre, ctx, load_ms / steps, n_run, skipped,
                          lora, lora * n_dec, lora * n_pre, a, a * (n_dec + n_pre) * 1e-3, rk))
         self.tau.add(n_run * steps, vals)

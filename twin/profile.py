@@ -161,6 +161,17 @@ def rank_blocks(max_lora_rank: int) -> int:
     return max(0, -(-max_lora_rank // 16) - 1)
 
 
+RankKernelTerms = tuple[float, tuple[float, float, float], tuple[float, float, float]]
+
+
+def price_rank_kernel(terms: RankKernelTerms, tokens: float, n_adapters: float) -> float:
+    """:meth:`StepTimeModel.rank_kernel_terms` ``terms`` at a step of ``tokens`` tokens and ``n_adapters`` adapters
+    (the tiling chosen by the tokens); the one formula the step-time model, the engine and the gauges share."""
+    split, below, above = terms
+    c = below if tokens < split else above
+    return c[0] + c[1] * n_adapters + c[2] * tokens * 1e-3
+
+
 @dataclass(frozen=True)
 class StepTimeModel:
     """Latency of one engine step (ms) as a sum of per-operation terms (Vidur-style).
@@ -213,8 +224,7 @@ class StepTimeModel:
         """Extra scale of the per-adapter term: 1 up to rank 16, + lora_adapter_rank_scale per further 16."""
         return 1.0 + self.lora_adapter_rank_scale * rank_blocks(max_lora_rank)
 
-    def rank_kernel_terms(self, max_lora_rank: int, max_loras: int) -> tuple[float, tuple[float, float, float],
-                                                                              tuple[float, float, float]]:
+    def rank_kernel_terms(self, max_lora_rank: int, max_loras: int) -> RankKernelTerms:
         """For a server's max_lora_rank and max_loras: (split tokens, (per step, per adapter, per 1000 tokens) below
         the split, the same from it) of :meth:`rank_kernel_ms`."""
         b, slots = rank_blocks(max_lora_rank), max_loras + 1
@@ -229,9 +239,7 @@ class StepTimeModel:
         max_lora_rank 16 (0 without the measured ``lora_rank_block_*`` terms, or up to rank 16)."""
         if n_adapters <= 0:
             return 0.0
-        split, below, above = self.rank_kernel_terms(max_lora_rank, max_loras)
-        c = below if tokens < split else above
-        return c[0] + c[1] * n_adapters + c[2] * tokens * 1e-3
+        return price_rank_kernel(self.rank_kernel_terms(max_lora_rank, max_loras), tokens, n_adapters)
 
     def step_ms(self, n_decode: int, n_prefill: int, n_adapters: int, rank_factor: float = 1.0,
                 context_tokens: int = 0, adapter_rank_factor: float = 1.0) -> float:
