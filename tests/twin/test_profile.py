@@ -114,3 +114,12 @@ def test_shipped_decode_has_a_knee_and_the_engine_prices_it(model):
         assert eng._decode_ms(n) == pytest.approx(st.decode_ms(n))
     above = st.decode_ms(st.decode_knee_seqs + 100) - st.decode_ms(st.decode_knee_seqs)
     assert above == pytest.approx(100 * (st.decode_ms_per_seq + st.decode_ms_per_seq_above_knee))
+
+
+@pytest.mark.parametrize("value, message", [(-0.08, "negative"), ("fast", "finite number")])
+def test_bad_rank_kernel_term_is_rejected_by_name(value, message):
+    """A hand-edited ``lora_rank_block_*`` term is validated like every step field: a clear error naming it."""
+    d = _shipped(LLAMA)
+    d["step_time"]["lora_rank_block_ms_per_adapter"] = value
+    with pytest.raises(ProfileError, match=f"lora_rank_block_ms_per_adapter.*{message}"):
+        Profile.from_dict(d)
